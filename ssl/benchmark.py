@@ -1,0 +1,173 @@
+"""Benchmark one training step against the least work it needs, in the same process.
+
+`python -m ssl.benchmark objective=dino backbone=vit_t [any pretrain override] [bench.steps=20]`
+
+Least work: the student's forward + backward over the same crops (one pass per resolution,
+backbone and the heads the teacher mirrors, summed output as loss) plus the teacher's forward on
+the global crops. The full step adds the objective's loss, gradient clipping, the optimizer step
+and the EMA update. Synthetic crops of the configured sizes isolate the model from the data
+pipeline, which is measured separately (images/s of the multi-crop transform, one process).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from ssl.backbones.multicrop import encode_crops
+from ssl.data.datamodule import PretrainDataModule, merge_view_specs
+from ssl.data.datasets import build_dataset
+from ssl.module import SSLModule
+from ssl.pretrain import CONFIG_DIR, build_module
+
+
+def synthetic_batch(cfg: DictConfig, module: SSLModule, device: torch.device) -> dict[str, Any]:
+    views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
+    b, d = cfg.data.batch_size, cfg.dataset
+    crops = [torch.randn(b, 3, d.image_size, d.image_size) for _ in range(views.global_crops)]
+    crops += [torch.randn(b, 3, d.local_crop_size, d.local_crop_size) for _ in range(views.local_crops)]
+    return {"views": [c.to(device) for c in crops], "label": torch.zeros(b, dtype=torch.long),
+            "index": torch.arange(b)}
+
+
+def time_it(fn: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    """Median seconds per call after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def benchmark(cfg: DictConfig, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module = build_module(cfg).to(device)
+    module.train()
+    optimizer = module.configure_optimizers()
+    module.schedules = module.build_schedules(10_000, 100)
+    batch = synthetic_batch(cfg, module, device)
+    n_global = merge_view_specs([o.view_spec() for o in module.objectives.values()]).global_crops
+    student = module.mirrored_by_teacher()
+    teacher = module.teacher.module if module.teacher is not None else None
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def encode_through(net: torch.nn.ModuleDict, crops: list[torch.Tensor]) -> torch.Tensor:
+        feats = encode_crops(net["backbone"], crops)
+        outs = [feats] + [head(feats) for key, head in net.items() if key != "backbone"]
+        return sum(o.float().mean() for o in outs)
+
+    def least_work() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = encode_through(student, batch["views"])
+            if teacher is not None:
+                with torch.no_grad():
+                    encode_through(teacher, batch["views"][:n_global])
+        loss.backward()
+        student.zero_grad(set_to_none=True)
+
+    def full_step() -> None:
+        def closure() -> torch.Tensor:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = module.training_step(batch, 0)
+            loss.backward()
+            module.on_before_optimizer_step(optimizer)
+            return loss
+
+        module.optimizer_step(0, 0, optimizer, closure)
+        optimizer.zero_grad(set_to_none=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t_least = time_it(least_work, steps, warmup, device)
+        t_step = time_it(full_step, steps, warmup, device)
+    images = cfg.data.batch_size
+    result = {
+        "objective": ",".join(cfg.objective.keys()),
+        "backbone": cfg.backbone.name,
+        "dataset": cfg.dataset.name,
+        "batch_size": images,
+        "crops": [tuple(c.shape[-2:]) for c in batch["views"]],
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "step_s": t_step,
+        "images_per_s": images / t_step,
+        "least_work_s": t_least,
+        "least_work_images_per_s": images / t_least,
+        "overhead_ratio": t_step / t_least,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    if cfg.bench.data_pipeline:
+        result["data_images_per_s_per_worker"] = data_pipeline_rate(cfg, module)
+    return result
+
+
+def data_pipeline_rate(cfg: DictConfig, module: SSLModule, n: int = 300) -> float:
+    """Multi-crop views per second in one process (what one data-loader worker can deliver)."""
+    views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
+    transform = PretrainDataModule(cfg.dataset, views, 1, 0).multicrop()
+    try:
+        dataset = build_dataset(cfg.dataset, "pretrain")
+    except FileNotFoundError:
+        return float("nan")
+    images = [dataset[i][0] for i in range(min(n, len(dataset)))]
+    start = time.perf_counter()
+    for image in images:
+        transform(image)
+    return len(images) / (time.perf_counter() - start)
+
+
+def markdown_row(r: dict[str, Any]) -> str:
+    return (f"| {r['objective']} | {r['backbone']} | {r['batch_size']} | {r['images_per_s']:.1f} | "
+            f"{r['least_work_images_per_s']:.1f} | {r['overhead_ratio']:.3f} | "
+            f"{r['peak_memory_mb']:.0f} | {r.get('data_images_per_s_per_worker', float('nan')):.0f} |")
+
+
+MARKDOWN_HEADER = ("| objective | backbone | batch | step img/s | least-work img/s | step / least work "
+                   "| peak MB | data img/s/worker |\n|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    bench_args = [a.removeprefix("bench.") for a in args if a.startswith("bench.")]
+    overrides = [a for a in args if not a.startswith("bench.")]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none", *overrides])
+    bench = OmegaConf.create({"steps": 10, "warmup": 3, "data_pipeline": True, "json": None})
+    OmegaConf.set_struct(cfg, False)
+    cfg.run_dir = None
+    cfg.bench = OmegaConf.merge(bench, OmegaConf.from_dotlist(bench_args))
+    torch.manual_seed(0)
+    result = benchmark(cfg, cfg.bench.steps, cfg.bench.warmup)
+    print(json.dumps(result, indent=2))
+    print(MARKDOWN_HEADER)
+    print(markdown_row(result))
+    if cfg.bench.json:
+        Path(cfg.bench.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

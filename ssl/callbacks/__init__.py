@@ -1,0 +1,1 @@
+"""Lightning callbacks: online k-NN monitor."""

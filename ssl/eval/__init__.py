@@ -1,0 +1,1 @@
+"""Evaluation: feature extraction, k-NN and (later) linear probes."""

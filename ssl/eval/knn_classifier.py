@@ -1,0 +1,58 @@
+"""Weighted k-NN classification on L2-normalised features (the DINO protocol)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def knn_predict_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Class scores [N_test, C]: each of the k nearest (cosine) neighbours votes exp(sim / T).
+
+    Features are L2-normalised here, so callers may pass raw embeddings. Test rows are processed
+    in chunks to bound memory at chunk_size x N_train similarities.
+    """
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    k = min(k, train.shape[0])
+    scores = []
+    for start in range(0, test.shape[0], chunk_size):
+        sims = test[start : start + chunk_size] @ train.T
+        top_sims, top_idx = sims.topk(k, dim=1)
+        votes = torch.zeros(sims.shape[0], num_classes, device=sims.device)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sims / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> dict:
+    """Percent of rows whose label is among the top-k scores, for each k."""
+    ranked = scores.argsort(dim=1, descending=True)
+    out = {}
+    for k in topk:
+        hit = (ranked[:, : min(k, scores.shape[1])] == labels[:, None]).any(dim=1)
+        out[f"top{k}"] = 100.0 * hit.float().mean().item()
+    return out
+
+
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> dict:
+    """Top-1 / top-5 accuracy (%) of the weighted k-NN classifier."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    scores = knn_predict_scores(train_features, train_labels, test_features, num_classes, k, temperature)
+    return topk_accuracy(scores, test_labels)

@@ -1,0 +1,1 @@
+"""Projection / prediction heads owned by objectives."""

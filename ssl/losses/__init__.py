@@ -1,0 +1,1 @@
+"""Pure loss functions of tensors, testable without Lightning or models."""

@@ -1,0 +1,98 @@
+"""The Objective protocol: what every pretraining objective declares and computes.
+
+An objective is an `nn.Module` holding its own heads and state (buffers travel with checkpoints
+and DDP). The training module knows nothing method-specific: it asks each objective for the views
+it needs, whether it needs the shared EMA teacher (and which of its heads the teacher mirrors),
+and calls `loss` with the batch, the student backbone and the teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl.backbones.base import Backbone
+
+
+class IncompatibleConfigError(ValueError):
+    """An objective cannot run with the chosen backbone or settings (raised before training)."""
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Crops the data module must produce for an objective (sizes come from the dataset)."""
+
+    global_crops: int = 1
+    local_crops: int = 0
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """How the shared EMA teacher behaves for an objective.
+
+    momentum -> momentum_end follows a per-step cosine; `train_mode` says whether the teacher
+    follows the student's train/eval mode (DINO) or always stays in eval mode (data2vec).
+    `buffers`: "keep" (EMA over parameters only, as DINO) or "copy" (buffers copied each step).
+    """
+
+    momentum: float = 0.996
+    momentum_end: float = 1.0
+    train_mode: bool = True
+    buffers: str = "keep"
+
+
+@dataclass
+class StepContext:
+    """Where training stands; objectives read schedules from it instead of from Lightning."""
+
+    epoch: int = 0
+    step: int = 0
+    max_epochs: int = 1
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective(nn.Module):
+    """Base class. Subclasses set `name`, `needs_teacher` and implement `loss`."""
+
+    name: str = "objective"
+    needs_teacher: bool = False
+
+    def view_spec(self) -> ViewSpec:
+        return ViewSpec()
+
+    def teacher_spec(self) -> TeacherSpec | None:
+        """Teacher behaviour, or None when the objective needs no teacher."""
+        return None
+
+    def teacher_heads(self) -> nn.Module | None:
+        """The head(s) the EMA teacher mirrors besides the backbone (None: backbone only)."""
+        return None
+
+    def check_backbone(self, backbone: Backbone) -> None:
+        """Raise `IncompatibleConfigError` with advice when the backbone cannot serve."""
+
+    def no_weight_decay(self, name: str, param: torch.nn.Parameter) -> bool:
+        """Whether a parameter of this objective is exempt from weight decay."""
+        return param.ndim < 2 or name.endswith(".bias")
+
+    def before_optimizer_step(self, ctx: StepContext) -> None:
+        """Called after backward and gradient clipping, before the optimizer step."""
+
+    def loss(
+        self,
+        batch: Mapping[str, Any],
+        backbone: Backbone,
+        teacher: nn.ModuleDict | None,
+        ctx: StepContext,
+    ) -> ObjectiveOutput:
+        """Loss and metrics for one batch. `teacher` holds "backbone" and this objective's name."""
+        raise NotImplementedError

@@ -1,0 +1,157 @@
+"""DINO (Caron et al., 2021): self-distillation with a centred, sharpened EMA teacher.
+
+Faithful to facebookresearch/dino: the teacher sees only the global crops, the loss averages
+every (teacher global, other student crop) pair, the centre is updated after the loss from the
+all-reduced teacher logits, the teacher temperature warms up per epoch, and the prototype layer
+is frozen during the first `freeze_last_layer` epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl.backbones.base import Backbone
+from ssl.backbones.multicrop import encode_crops
+from ssl.heads.dino import DINOHead
+from ssl.losses.dino import dino_loss, updated_center
+from ssl.objectives.base import (
+    IncompatibleConfigError,
+    Objective,
+    ObjectiveOutput,
+    StepContext,
+    TeacherSpec,
+    ViewSpec,
+)
+from ssl.optim.schedules import warmup_constant_schedule
+
+
+class DINO(Objective):
+    name = "dino"
+    needs_teacher = True
+
+    def __init__(
+        self,
+        embed_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        use_bn_in_head: bool = False,
+        norm_last_layer: bool = True,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        center_momentum: float = 0.9,
+        freeze_last_layer: int = 1,
+        global_crops: int = 2,
+        local_crops: int = 8,
+        teacher_momentum: float = 0.996,
+        teacher_momentum_end: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if global_crops < 1:
+            raise IncompatibleConfigError("DINO needs at least one global crop (global_crops >= 1).")
+        if global_crops + local_crops < 2:
+            raise IncompatibleConfigError(
+                "DINO compares a teacher crop with a *different* student crop: use "
+                "global_crops >= 2 or local_crops >= 1."
+            )
+        self.head = DINOHead(
+            embed_dim, out_dim, hidden_dim, bottleneck_dim, use_bn=use_bn_in_head,
+            norm_last_layer=norm_last_layer,
+        )
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.student_temp = student_temp
+        self.teacher_temp = teacher_temp
+        self.warmup_teacher_temp = warmup_teacher_temp
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.center_momentum = center_momentum
+        self.freeze_last_layer = freeze_last_layer
+        self.global_crops = global_crops
+        self.local_crops = local_crops
+        self._teacher = TeacherSpec(teacher_momentum, teacher_momentum_end, train_mode=True)
+
+    @classmethod
+    def from_config(cls, cfg: Any, embed_dim: int) -> DINO:
+        return cls(
+            embed_dim,
+            out_dim=cfg.out_dim,
+            hidden_dim=cfg.hidden_dim,
+            bottleneck_dim=cfg.bottleneck_dim,
+            use_bn_in_head=cfg.use_bn_in_head,
+            norm_last_layer=cfg.norm_last_layer,
+            student_temp=cfg.student_temp,
+            teacher_temp=cfg.teacher_temp,
+            warmup_teacher_temp=cfg.warmup_teacher_temp,
+            warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
+            center_momentum=cfg.center_momentum,
+            freeze_last_layer=cfg.freeze_last_layer,
+            global_crops=cfg.global_crops,
+            local_crops=cfg.local_crops,
+            teacher_momentum=cfg.teacher.momentum,
+            teacher_momentum_end=cfg.teacher.momentum_end,
+        )
+
+    def view_spec(self) -> ViewSpec:
+        return ViewSpec(self.global_crops, self.local_crops)
+
+    def teacher_spec(self) -> TeacherSpec:
+        return self._teacher
+
+    def teacher_heads(self) -> nn.Module:
+        return self.head
+
+    def no_weight_decay(self, name: str, param: torch.nn.Parameter) -> bool:
+        # Official get_params_groups: only biases and 1-D tensors; weight_g ([K, 1]) is decayed.
+        return param.ndim < 2 or name.endswith(".bias")
+
+    def teacher_temperature(self, epoch: int) -> float:
+        """linspace(warmup, final, warmup_epochs) then constant, indexed by epoch."""
+        schedule = warmup_constant_schedule(
+            self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs,
+            max(epoch + 1, self.warmup_teacher_temp_epochs),
+        )
+        return float(schedule[epoch])
+
+    def before_optimizer_step(self, ctx: StepContext) -> None:
+        """Drop the prototype layer's gradients during the first epochs (AdamW then skips it)."""
+        if ctx.epoch < self.freeze_last_layer:
+            for param in self.head.last_layer.parameters():
+                param.grad = None
+
+    def loss(
+        self,
+        batch: Mapping[str, Any],
+        backbone: Backbone,
+        teacher: nn.ModuleDict | None,
+        ctx: StepContext,
+    ) -> ObjectiveOutput:
+        crops = batch["views"]
+        n_global = self.global_crops
+        student_features = encode_crops(backbone, crops)
+        student_logits = self.head(student_features)
+        with torch.no_grad():
+            teacher_features = encode_crops(teacher["backbone"], crops[:n_global])
+            teacher_logits = teacher[self.name](teacher_features)
+        temp = self.teacher_temperature(ctx.epoch)
+        loss = dino_loss(
+            student_logits, teacher_logits, self.center, len(crops), self.student_temp, temp
+        )
+        with torch.no_grad():
+            probs = F.softmax((teacher_logits.float() - self.center) / temp, dim=-1)
+            entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+            b = crops[0].shape[0]
+            feature_std = F.normalize(student_features[:b].float(), dim=-1).std(dim=0).mean()
+            self.center.copy_(updated_center(self.center, teacher_logits, self.center_momentum))
+        metrics = {
+            "teacher_temp": torch.tensor(temp),
+            "teacher_entropy": entropy,
+            "feature_std": feature_std,
+            "center_norm": self.center.norm(),
+        }
+        return ObjectiveOutput(loss, metrics)

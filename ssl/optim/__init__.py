@@ -1,0 +1,1 @@
+"""Optimisation: per-step schedules, parameter groups, gradient clipping, optimizer factory."""

@@ -1,0 +1,38 @@
+"""Gradient clipping as DINO does it (per parameter) and the usual global-norm variant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+@torch.no_grad()
+def clip_per_parameter(params: Iterable[torch.nn.Parameter], max_norm: float) -> list[float]:
+    """Scale each tensor's gradient to norm <= max_norm on its own: g *= C / (||g|| + 1e-6).
+
+    This is DINO's `clip_gradients`; it is not global-norm clipping, so Lightning's
+    `gradient_clip_val` cannot reproduce it. Returns the gradient norms before clipping.
+    """
+    norms = []
+    for p in params:
+        if p.grad is None:
+            continue
+        norm = p.grad.norm(2)
+        norms.append(float(norm))
+        factor = max_norm / (norm + 1e-6)
+        if factor < 1:
+            p.grad.mul_(factor)
+    return norms
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None, mode: str) -> None:
+    """Dispatch on the configured mode: per_parameter, global_norm or none."""
+    if not max_norm or mode == "none":
+        return
+    if mode == "per_parameter":
+        clip_per_parameter(params, max_norm)
+    elif mode == "global_norm":
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+    else:
+        raise ValueError(f"unknown clip mode '{mode}'; valid: per_parameter, global_norm, none")

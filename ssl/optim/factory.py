@@ -1,0 +1,40 @@
+"""Optimizer from config, with the regularised / not-regularised parameter split."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def split_weight_decay(
+    named_params: Iterable[tuple[str, torch.nn.Parameter]],
+    exempt: Callable[[str, torch.nn.Parameter], bool],
+) -> list[dict]:
+    """Two groups: decayed (`apply_weight_decay=True`) and exempt (biases, norms, ...).
+
+    Frozen parameters are left out. The schedule later writes lr into both groups and the
+    weight-decay schedule into the decayed one only.
+    """
+    decayed, plain = [], []
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        (plain if exempt(name, param) else decayed).append(param)
+    return [
+        {"params": decayed, "apply_weight_decay": True},
+        {"params": plain, "apply_weight_decay": False, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
+    """AdamW (ViT recipes) or SGD with momentum (convnet recipes); lr is set per step later."""
+    name = cfg.name
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), weight_decay=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=0.0)
+    raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")

@@ -1,0 +1,31 @@
+"""Per-optimizer-step schedules, precomputed once (lr, weight decay, EMA momentum)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def cosine_schedule(
+    base: float,
+    final: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_start: float = 0.0,
+) -> np.ndarray:
+    """DINO's `cosine_scheduler`, per step: linear warm-up then half-cosine from base to final.
+
+    The warm-up is `linspace(warmup_start, base, warmup_steps)` (endpoint included, as in the
+    official code); step i of the cosine part is final + (base - final)(1 + cos(pi i / n)) / 2.
+    """
+    warmup_steps = min(max(int(warmup_steps), 0), total_steps)
+    warmup = np.linspace(warmup_start, base, warmup_steps)
+    n = total_steps - warmup_steps
+    steps = np.arange(n)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(n, 1)))
+    return np.concatenate([warmup, cosine])
+
+
+def warmup_constant_schedule(start: float, end: float, warmup: int, total: int) -> np.ndarray:
+    """`linspace(start, end, warmup)` then constant `end` (DINO's teacher temperature, per epoch)."""
+    warmup = min(max(int(warmup), 0), total)
+    return np.concatenate([np.linspace(start, end, warmup), np.full(total - warmup, end)])

@@ -1,0 +1,143 @@
+"""`python -m ssl.pretrain objective=dino backbone=vit_s`: compose, check, build, fit, export.
+
+Everything that can be checked cheaply (backbone name, data on disk, objective x backbone, run
+directory) is checked before the first batch, each failure with one message saying what to do.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ssl.backbones.factory import build_backbone, check_backbone_name
+from ssl.callbacks.online_knn import OnlineKNN
+from ssl.data.datamodule import PretrainDataModule, merge_view_specs
+from ssl.data.datasets import build_dataset
+from ssl.export import export_backbone
+from ssl.module import SSLModule
+from ssl.objectives import build_objective
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class RunDirectoryInUseError(FileExistsError):
+    """The run directory already holds a run; a new run never overwrites it."""
+
+
+def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """Create the run directory and write the resolved config, refusing to reuse an old run."""
+    if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
+        raise RunDirectoryInUseError(
+            f"{run_dir} already holds a run. Choose a new directory with hydra.run.dir=<path> "
+            "(the default is time-stamped), or remove the old one yourself."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
+    """csv | wandb (offline unless logger.mode=online) | none."""
+    name = cfg.logger.name
+    if name == "none":
+        return False
+    if name == "csv":
+        return pl.loggers.CSVLogger(save_dir=str(run_dir), name="logs", version="")
+    if name == "wandb":
+        logger = pl.loggers.WandbLogger(
+            save_dir=str(run_dir), project=cfg.logger.project, entity=cfg.logger.entity,
+            tags=list(cfg.logger.tags), group=cfg.logger.group, mode=cfg.logger.mode,
+            log_model=cfg.logger.log_model,
+        )
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        return logger
+    raise ValueError(f"unknown logger '{name}'; valid: csv, wandb, none")
+
+
+def default_precision() -> str:
+    """bf16 autocast on GPUs that support it, float32 elsewhere."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_args.get("precision") is None:
+        trainer_args["precision"] = default_precision()
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        filename="epoch{epoch:03d}-step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_epochs=cfg.checkpoint.every_n_epochs,
+        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+        save_top_k=-1,
+        save_last=True,
+    )
+    return pl.Trainer(
+        **trainer_args,
+        default_root_dir=str(run_dir),
+        logger=build_logger(cfg, run_dir),
+        callbacks=[checkpoint, *callbacks],
+    )
+
+
+def build_module(cfg: DictConfig) -> SSLModule:
+    backbone = build_backbone(cfg.backbone)
+    objectives = {
+        name: build_objective(name, obj_cfg, backbone.embed_dim)
+        for name, obj_cfg in cfg.objective.items()
+    }
+    weights = {name: float(obj_cfg.get("weight", 1.0)) for name, obj_cfg in cfg.objective.items()}
+    return SSLModule(
+        backbone, objectives, weights, cfg.optimizer, cfg.data.batch_size,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Pretrain with a composed config; returns paths and the final k-NN result."""
+    run_dir = Path(cfg.run_dir)
+    check_backbone_name(cfg.backbone.name)
+    build_dataset(cfg.dataset, "pretrain")  # fails now, with advice, if the data is missing
+    pl.seed_everything(cfg.seed, workers=True)
+    module = build_module(cfg)
+    prepare_run_dir(run_dir, cfg)
+    views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
+    data = PretrainDataModule(cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers)
+    callbacks: list[pl.Callback] = []
+    knn = None
+    if cfg.knn.enabled and OnlineKNN.usable(cfg.dataset):
+        knn = OnlineKNN(
+            cfg.dataset, cfg.knn.every_n_epochs, cfg.knn.k, cfg.knn.temperature,
+            cfg.knn.max_train_samples, cfg.knn.max_test_samples, cfg.knn.batch_size,
+            cfg.knn.num_workers,
+        )
+        callbacks.append(knn)
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("resume"))
+    result: dict[str, Any] = {"run_dir": str(run_dir)}
+    if cfg.export.enabled and trainer.is_global_zero:
+        which = cfg.export.which
+        path = export_backbone(module.eval_backbone(which), run_dir / "backbone", source=which)
+        result["backbone"] = str(path)
+        print(f"exported backbone: {path}")
+    if knn is not None and knn.last:
+        result["knn"] = knn.last
+        print(f"k-NN (k={cfg.knn.k}, T={cfg.knn.temperature}) on {cfg.dataset.name} test: "
+              f"top-1 {knn.last['top1']:.2f}%  top-5 {knn.last['top5']:.2f}%")
+    return result
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

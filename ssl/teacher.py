@@ -1,0 +1,56 @@
+"""The shared EMA teacher every teacher-based objective reuses.
+
+A deep copy of the student's backbone (and the heads objectives ask it to mirror) that never
+receives gradients, runs without stochastic depth or dropout, and follows
+theta_t <- m * theta_t + (1 - m) * theta_s once per optimizer step with one fused foreach lerp.
+It is built in the training module's constructor, so it is part of the LightningModule: DDP
+broadcasts it from rank 0 with the student (all ranks start equal) and checkpoints carry it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ssl.objectives.base import TeacherSpec
+
+
+def disable_stochastic_layers(module: nn.Module) -> None:
+    """Zero drop-path and dropout probabilities (DINO builds its teacher without drop path)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = 0.0
+        if hasattr(sub, "drop_prob") and isinstance(sub.drop_prob, float):
+            sub.drop_prob = 0.0
+
+
+class EMATeacher(nn.Module):
+    """EMA copy of `student` (an nn.ModuleDict with "backbone" and objective heads)."""
+
+    def __init__(self, student: nn.ModuleDict, spec: TeacherSpec) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(student)
+        self.module.requires_grad_(False)
+        disable_stochastic_layers(self.module)
+        self.spec = spec
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        """Follow the student's mode only when the objective wants it (BN batch statistics)."""
+        return super().train(mode and self.spec.train_mode)
+
+    def __getitem__(self, key: str) -> nn.Module:
+        return self.module[key]
+
+    @torch.no_grad()
+    def update(self, student: nn.ModuleDict, momentum: float) -> None:
+        """theta_t <- m theta_t + (1 - m) theta_s over parameters (one fused foreach op)."""
+        teacher_params = list(self.module.parameters())
+        student_params = [p.detach() for p in student.parameters()]
+        if len(teacher_params) != len(student_params):
+            raise RuntimeError("teacher and student have different parameter lists")
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+        if self.spec.buffers == "copy":
+            for t, s in zip(self.module.buffers(), student.buffers()):
+                t.copy_(s)
