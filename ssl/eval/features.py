@@ -24,9 +24,11 @@ def extract_features(
     feats, labels = [], []
     batches = loader
     if progress:
+        import sys
+
         from tqdm import tqdm
 
-        batches = tqdm(loader, desc="features", leave=False)
+        batches = tqdm(loader, desc="features", leave=False, disable=not sys.stderr.isatty())
     for batch in batches:
         images, targets = batch["image"], batch["label"]
         feats.append(encode(images.to(device, non_blocking=True)).float())

@@ -1,0 +1,109 @@
+"""Real subprocess runs of `python -m ssl.pretrain` and `python -m ssl.eval.knn` on Fashion-MNIST."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FASHION_MNIST_DIR, REPO_ROOT
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"),
+]
+
+TINY = [
+    "backbone=vit_t", "+backbone.kwargs.depth=2", "objective.dino.out_dim=256",
+    "objective.dino.hidden_dim=128", "objective.dino.local_crops=2", "data.batch_size=16",
+    "data.num_workers=0", "trainer.limit_train_batches=3", "trainer.max_epochs=2",
+    "knn.max_train_samples=300", "knn.max_test_samples=200", "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    out = subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=timeout, env=env)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("runs") / "dino"
+    out = run(["ssl.pretrain", *TINY, f"hydra.run.dir={run_dir}"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    return run_dir, out
+
+
+def test_run_directory_holds_config_checkpoints_logs_and_export(pretrained_run) -> None:
+    run_dir, out = pretrained_run
+    assert (run_dir / "config.yaml").is_file()
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in ckpts and len(ckpts) == 3, ckpts  # two epochs + last
+    assert (run_dir / "logs" / "metrics.csv").is_file()
+    assert (run_dir / "backbone.safetensors").is_file() and (run_dir / "backbone.json").is_file()
+    assert "k-NN (k=20, T=0.07) on fashion_mnist test: top-1" in out.stdout
+    metrics = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
+    for name in ("train/loss", "train/lr", "train/weight_decay", "train/teacher_momentum",
+                 "train/dino/teacher_temp", "train/dino/teacher_entropy", "train/dino/feature_std",
+                 "knn/top1"):
+        assert name in metrics, name
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_teacher_and_center(pretrained_run) -> None:
+    run_dir, _ = pretrained_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    keys = ckpt["state_dict"].keys()
+    assert "objectives.dino.center" in keys
+    assert any(k.startswith("teacher.module.backbone.") for k in keys)
+    assert ckpt["global_step"] == 6
+    student = ckpt["state_dict"]["backbone.model.cls_token"]
+    teacher = ckpt["state_dict"]["teacher.module.backbone.model.cls_token"]
+    assert not torch.equal(student, teacher)  # the teacher is an average, not a copy
+
+
+def test_knn_eval_of_checkpoint_and_export(pretrained_run, tmp_path: Path) -> None:
+    run_dir, _ = pretrained_run
+    limits = ["max_train_samples=600", "max_test_samples=300", "num_workers=0"]
+    out = run(["ssl.eval.knn", f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}", *limits,
+               f"output={tmp_path / 'ckpt.json'}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "k=20" in out.stdout and "top-1" in out.stdout
+    from_ckpt = json.loads((tmp_path / "ckpt.json").read_text())
+    out = run(["ssl.eval.knn", f"checkpoint={run_dir / 'backbone.safetensors'}", "dataset=fashion_mnist",
+               *limits, f"output={tmp_path / 'export.json'}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    from_export = json.loads((tmp_path / "export.json").read_text())
+    # The export is the teacher's backbone: both routes must give the same numbers.
+    assert from_ckpt["k"]["20"] == from_export["k"]["20"]
+    assert 10.0 <= from_ckpt["k"]["20"]["top1"] <= 100.0
+
+
+def test_a_new_run_never_clobbers_an_old_run_directory(pretrained_run) -> None:
+    run_dir, _ = pretrained_run
+    before = (run_dir / "config.yaml").read_text()
+    out = run(["ssl.pretrain", *TINY, f"hydra.run.dir={run_dir}", "seed=1"])
+    assert out.returncode != 0
+    assert "already holds a run" in out.stderr
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_wandb_logger_runs_offline(tmp_path: Path) -> None:
+    out = run(["ssl.pretrain", *TINY, "trainer.max_steps=2", "knn.enabled=false", "logger=wandb",
+               f"hydra.run.dir={tmp_path / 'w'}"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+
+
+def test_resnet_and_gradient_accumulation(tmp_path: Path) -> None:
+    tiny = [a for a in TINY if not a.startswith("+backbone.kwargs")]
+    out = run(["ssl.pretrain", *tiny, "backbone=resnet18", "trainer.max_epochs=1",
+               "trainer.accumulate_grad_batches=3", "knn.enabled=false", "export.enabled=false",
+               f"hydra.run.dir={tmp_path / 'r'}"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 1  # 3 batches, one optimizer step
