@@ -6,7 +6,9 @@ directory) is checked before the first batch, each failure with one message sayi
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,21 @@ class RunDirectoryInUseError(FileExistsError):
     """The run directory already holds a run; a new run never overwrites it."""
 
 
+def launched_as_worker_rank() -> bool:
+    """True in the processes Lightning's DDP launcher (or torchrun / SLURM) starts for ranks > 0.
+
+    They rerun this entry point with the same run directory, which rank 0 has already prepared.
+    """
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if int(os.environ.get(var, "0") or 0) > 0:
+            return True
+    return False
+
+
 def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     """Create the run directory and write the resolved config, refusing to reuse an old run."""
+    if launched_as_worker_rank():
+        return
     if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
         raise RunDirectoryInUseError(
             f"{run_dir} already holds a run. Choose a new directory with hydra.run.dir=<path> "
@@ -100,8 +115,16 @@ def build_module(cfg: DictConfig) -> SSLModule:
     )
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Pretrain with a composed config; returns paths and the final k-NN result."""
+@dataclass
+class PreparedRun:
+    module: SSLModule
+    data: PretrainDataModule
+    trainer: pl.Trainer
+    knn: OnlineKNN | None
+
+
+def prepare(cfg: DictConfig) -> PreparedRun:
+    """Every check and build that can fail on bad input, before the first batch."""
     run_dir = Path(cfg.run_dir)
     check_backbone_name(cfg.backbone.name)
     build_dataset(cfg.dataset, "pretrain")  # fails now, with advice, if the data is missing
@@ -110,7 +133,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prepare_run_dir(run_dir, cfg)
     views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
     data = PretrainDataModule(cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers)
-    callbacks: list[pl.Callback] = []
     knn = None
     if cfg.knn.enabled and OnlineKNN.usable(cfg.dataset):
         knn = OnlineKNN(
@@ -118,9 +140,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cfg.knn.max_train_samples, cfg.knn.max_test_samples, cfg.knn.batch_size,
             cfg.knn.num_workers,
         )
-        callbacks.append(knn)
-    trainer = build_trainer(cfg, run_dir, callbacks)
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("resume"))
+    trainer = build_trainer(cfg, run_dir, [knn] if knn else [])
+    return PreparedRun(module, data, trainer, knn)
+
+
+def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
+    """Train, export the backbone, report the final k-NN; returns paths and numbers."""
+    module, trainer, knn = prepared.module, prepared.trainer, prepared.knn
+    trainer.fit(module, datamodule=prepared.data, ckpt_path=cfg.get("resume"))
+    run_dir = Path(cfg.run_dir)
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     if cfg.export.enabled and trainer.is_global_zero:
         which = cfg.export.which
@@ -132,6 +160,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(f"k-NN (k={cfg.knn.k}, T={cfg.knn.temperature}) on {cfg.dataset.name} test: "
               f"top-1 {knn.last['top1']:.2f}%  top-5 {knn.last['top5']:.2f}%")
     return result
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Pretrain with a composed config. Bad input exits with one message, not a traceback."""
+    try:
+        prepared = prepare(cfg)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"ssl.pretrain: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return fit(cfg, prepared)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

@@ -41,3 +41,13 @@ def test_every_public_stdlib_name_is_present() -> None:
     ours = set(__import__("json").loads(out.stdout))
     missing = {n for n in namespace if not n.startswith("__")} - ours
     assert not missing, f"names of the standard ssl module missing from the package: {missing}"
+
+
+def test_outside_the_repository_the_standard_library_ssl_is_untouched(tmp_path: Path) -> None:
+    """Installing the project (pip install -e .) must not hijack `import ssl` elsewhere."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import ssl; print(ssl.__file__)"], cwd=tmp_path,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == Path(sysconfig.get_paths()["stdlib"], "ssl.py")

@@ -31,7 +31,14 @@ def resolve_encoder(cfg: DictConfig) -> tuple[Callable[[torch.Tensor], torch.Ten
     if cfg.pixels:
         if dataset_cfg is None:
             raise ValueError("pixels=true needs a dataset: add dataset=<name>")
-        return (lambda x: x.flatten(1)), dataset_cfg, "raw pixels"
+        mean = torch.tensor(list(dataset_cfg.mean))[:, None, None]
+        std = torch.tensor(list(dataset_cfg.std))[:, None, None]
+
+        def raw_pixels(x: torch.Tensor) -> torch.Tensor:
+            """Undo the normalisation: the baseline is the image's [0, 1] pixel values."""
+            return (x * std.to(x.device) + mean.to(x.device)).flatten(1)
+
+        return raw_pixels, dataset_cfg, "raw pixels in [0, 1]"
     if cfg.checkpoint:
         path = Path(cfg.checkpoint)
         if not path.is_file():
@@ -84,7 +91,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="eval/knn", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    results = evaluate(cfg)
+    try:
+        results = evaluate(cfg)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"ssl.eval.knn: error: {error}", file=sys.stderr)
+        sys.exit(2)
     print(f"k-NN on {results['dataset']} ({results['evaluated']}), cosine, T={results['temperature']}, "
           f"{results['train_size']} train / {results['test_size']} test images")
     for k, acc in results["k"].items():
