@@ -18,7 +18,7 @@ from torch import nn
 from ssl.backbones.base import Backbone
 from ssl.backbones.multicrop import encode_crops
 from ssl.heads.dino import DINOHead
-from ssl.losses.dino import dino_loss, updated_center
+from ssl.losses.dino import dino_loss_from_probs, teacher_probabilities, updated_center
 from ssl.objectives.base import (
     IncompatibleConfigError,
     Objective,
@@ -139,11 +139,9 @@ class DINO(Objective):
             teacher_features = encode_crops(teacher["backbone"], crops[:n_global])
             teacher_logits = teacher[self.name](teacher_features)
         temp = self.teacher_temperature(ctx.epoch)
-        loss = dino_loss(
-            student_logits, teacher_logits, self.center, len(crops), self.student_temp, temp
-        )
+        probs = teacher_probabilities(teacher_logits, self.center, temp)
+        loss = dino_loss_from_probs(student_logits, probs, len(crops), self.student_temp)
         with torch.no_grad():
-            probs = F.softmax((teacher_logits.float() - self.center) / temp, dim=-1)
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
             b = crops[0].shape[0]
             feature_std = F.normalize(student_features[:b].float(), dim=-1).std(dim=0).mean()
