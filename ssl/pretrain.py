@@ -155,7 +155,7 @@ def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
         path = export_backbone(module.eval_backbone(which), run_dir / "backbone", source=which)
         result["backbone"] = str(path)
         print(f"exported backbone: {path}")
-    if knn is not None and knn.last:
+    if knn is not None and knn.last and trainer.is_global_zero:
         result["knn"] = knn.last
         print(f"k-NN (k={cfg.knn.k}, T={cfg.knn.temperature}) on {cfg.dataset.name} test: "
               f"top-1 {knn.last['top1']:.2f}%  top-5 {knn.last['top5']:.2f}%")

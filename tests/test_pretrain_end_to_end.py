@@ -107,3 +107,16 @@ def test_resnet_and_gradient_accumulation(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-4000:]
     ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 1  # 3 batches, one optimizer step
+
+
+@pytest.mark.distributed
+def test_two_cpu_processes_through_lightning_ddp(tmp_path: Path) -> None:
+    """`trainer.devices=2 trainer.strategy=ddp` relaunches the Hydra entry point per rank."""
+    out = run(["ssl.pretrain", *TINY, "trainer.max_epochs=1", "trainer.accelerator=cpu",
+               "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={tmp_path / 'd'}"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    run_dir = tmp_path / "d"
+    assert (run_dir / "train_ddp_process_1.log").exists()  # rank 1 ran in the same run directory
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert out.stdout.count("k-NN (k=20") == 1  # printed by rank 0 only
