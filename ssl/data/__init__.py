@@ -1,0 +1,1 @@
+"""Datasets (raw PIL image + label) and the augmentation views built on them."""
