@@ -20,7 +20,7 @@ from torch import nn
 from ssl.backbones.base import Backbone
 from ssl.objectives.base import IncompatibleConfigError, Objective, StepContext, TeacherSpec
 from ssl.optim.clipping import clip_gradients
-from ssl.optim.factory import build_optimizer, split_weight_decay
+from ssl.optim.factory import build_optimizer, default_no_weight_decay, split_weight_decay
 from ssl.optim.schedules import cosine_schedule
 from ssl.teacher import EMATeacher
 
@@ -76,7 +76,7 @@ class SSLModule(pl.LightningModule):
     # ----------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> torch.optim.Optimizer:
         named = [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
-        groups = split_weight_decay(named, lambda n, p: p.ndim < 2 or n.endswith(".bias"))
+        groups = split_weight_decay(named, default_no_weight_decay)
         for objective in self.objectives.values():
             groups += split_weight_decay(objective.named_parameters(), objective.no_weight_decay)
         groups = [g for g in groups if g["params"]]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ssl.backbones.base import Backbone
+from ssl.optim.factory import default_no_weight_decay
 
 
 class IncompatibleConfigError(ValueError):
@@ -81,8 +82,8 @@ class Objective(nn.Module):
         """Raise `IncompatibleConfigError` with advice when the backbone cannot serve."""
 
     def no_weight_decay(self, name: str, param: torch.nn.Parameter) -> bool:
-        """Whether a parameter of this objective is exempt from weight decay."""
-        return param.ndim < 2 or name.endswith(".bias")
+        """Whether a parameter of this objective is exempt from weight decay (biases, norms)."""
+        return default_no_weight_decay(name, param)
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
         """Called after backward and gradient clipping, before the optimizer step."""

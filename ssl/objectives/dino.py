@@ -106,10 +106,6 @@ class DINO(Objective):
     def teacher_heads(self) -> nn.Module:
         return self.head
 
-    def no_weight_decay(self, name: str, param: torch.nn.Parameter) -> bool:
-        # Official get_params_groups: only biases and 1-D tensors; weight_g ([K, 1]) is decayed.
-        return param.ndim < 2 or name.endswith(".bias")
-
     def teacher_temperature(self, epoch: int) -> float:
         """linspace(warmup, final, warmup_epochs) then constant, indexed by epoch."""
         schedule = warmup_constant_schedule(

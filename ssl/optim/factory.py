@@ -10,6 +10,14 @@ import torch
 OPTIMIZERS = ("adamw", "sgd")
 
 
+def default_no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """DINO's `get_params_groups` rule: biases and 1-D tensors (norms) are not decayed.
+
+    cls_token and pos_embed (3-D) are decayed, as in the official code.
+    """
+    return param.ndim < 2 or name.endswith(".bias")
+
+
 def split_weight_decay(
     named_params: Iterable[tuple[str, torch.nn.Parameter]],
     exempt: Callable[[str, torch.nn.Parameter], bool],
