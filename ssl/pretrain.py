@@ -127,16 +127,19 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     """Every check and build that can fail on bad input, before the first batch."""
     run_dir = Path(cfg.run_dir)
     check_backbone_name(cfg.backbone.name)
-    build_dataset(cfg.dataset, "pretrain")  # fails now, with advice, if the data is missing
+    dataset = build_dataset(cfg.dataset, "pretrain")  # fails now, with advice, if data is missing
     pl.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg)
     prepare_run_dir(run_dir, cfg)
     views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
-    data = PretrainDataModule(cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers)
+    data = PretrainDataModule(
+        cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset
+    )
     knn = None
-    if cfg.knn.enabled and OnlineKNN.usable(cfg.dataset):
+    eval_sets = OnlineKNN.labelled_eval_sets(cfg.dataset) if cfg.knn.enabled else None
+    if eval_sets is not None:
         knn = OnlineKNN(
-            cfg.dataset, cfg.knn.every_n_epochs, cfg.knn.k, cfg.knn.temperature,
+            cfg.dataset, eval_sets, cfg.knn.every_n_epochs, cfg.knn.k, cfg.knn.temperature,
             cfg.knn.max_train_samples, cfg.knn.max_test_samples, cfg.knn.batch_size,
             cfg.knn.num_workers,
         )

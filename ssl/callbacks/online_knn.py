@@ -10,6 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import Dataset
 
 from ssl.data.datamodule import clean_loader
 from ssl.data.datasets import build_dataset
@@ -21,6 +22,7 @@ class OnlineKNN(pl.Callback):
     def __init__(
         self,
         dataset_cfg: Any,
+        eval_sets: tuple[Dataset, Dataset],
         every_n_epochs: int = 1,
         k: int = 20,
         temperature: float = 0.07,
@@ -30,6 +32,7 @@ class OnlineKNN(pl.Callback):
         num_workers: int = 0,
     ) -> None:
         self.dataset_cfg = dataset_cfg
+        self.eval_sets = eval_sets
         self.every_n_epochs = every_n_epochs
         self.k = k
         self.temperature = temperature
@@ -40,14 +43,13 @@ class OnlineKNN(pl.Callback):
         self.last: dict[str, float] = {}
 
     @staticmethod
-    def usable(dataset_cfg: Any) -> bool:
-        """k-NN needs labelled train and test splits."""
+    def labelled_eval_sets(dataset_cfg: Any) -> tuple[Dataset, Dataset] | None:
+        """The labelled train and test splits k-NN needs (built once), or None without them."""
         try:
-            return build_dataset(dataset_cfg, "train").has_labels and build_dataset(
-                dataset_cfg, "test"
-            ).has_labels
+            train, test = build_dataset(dataset_cfg, "train"), build_dataset(dataset_cfg, "test")
         except (FileNotFoundError, ValueError):
-            return False
+            return None
+        return (train, test) if train.has_labels and test.has_labels else None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -62,8 +64,8 @@ class OnlineKNN(pl.Callback):
         was_training = backbone.training
         backbone.eval()
         loaders = [
-            clean_loader(self.dataset_cfg, split, self.batch_size, self.num_workers, shard, limit)
-            for split, limit in (("train", self.max_train_samples), ("test", self.max_test_samples))
+            clean_loader(data, self.dataset_cfg, self.batch_size, self.num_workers, shard, limit)
+            for data, limit in zip(self.eval_sets, (self.max_train_samples, self.max_test_samples))
         ]
         with torch.no_grad():
             train_x, train_y = extract_features(backbone, loaders[0], module.device)

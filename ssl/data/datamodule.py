@@ -45,12 +45,21 @@ def merge_view_specs(specs: list[ViewSpec]) -> ViewSpec:
 class PretrainDataModule(pl.LightningDataModule):
     """Train loader of multi-crop views (per the objectives' ViewSpec) from `dataset` config."""
 
-    def __init__(self, dataset_cfg: Any, views: ViewSpec, batch_size: int, num_workers: int) -> None:
+    def __init__(
+        self,
+        dataset_cfg: Any,
+        views: ViewSpec,
+        batch_size: int,
+        num_workers: int,
+        dataset: Dataset | None = None,
+    ) -> None:
+        """`dataset`: the already built "pretrain" split, so a folder is not scanned twice."""
         super().__init__()
         self.dataset_cfg = dataset_cfg
         self.views = views
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.dataset = dataset
         self.train_set: Dataset | None = None
 
     def multicrop(self) -> MultiCropTransform:
@@ -60,9 +69,9 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set = TransformedDataset(
-                build_dataset(self.dataset_cfg, "pretrain"), self.multicrop(), "views"
-            )
+            if self.dataset is None:
+                self.dataset = build_dataset(self.dataset_cfg, "pretrain")
+            self.train_set = TransformedDataset(self.dataset, self.multicrop(), "views")
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -78,21 +87,20 @@ class PretrainDataModule(pl.LightningDataModule):
 
 
 def clean_loader(
+    dataset: Dataset,
     dataset_cfg: Any,
-    split: str,
     batch_size: int,
     num_workers: int,
     shard: tuple[int, int] = (0, 1),
     max_samples: int | None = None,
 ) -> DataLoader:
-    """Un-augmented (resized / centre-cropped) images of `split` for k-NN and probes.
+    """Un-augmented (resized / centre-cropped) images of a raw dataset for k-NN and probes.
 
     `shard=(rank, world)` gives each rank a disjoint slice; `max_samples` takes an evenly spaced
     subset (the same on every rank) to bound the cost of an online monitor.
     """
-    base = build_dataset(dataset_cfg, split)
     transform = eval_transform(dataset_cfg.image_size, tuple(dataset_cfg.mean), tuple(dataset_cfg.std))
-    data = TransformedDataset(base, transform, "image")
+    data = TransformedDataset(dataset, transform, "image")
     indices = list(range(len(data)))
     if max_samples and max_samples < len(indices):
         step = len(indices) / max_samples

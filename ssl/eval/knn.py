@@ -67,15 +67,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
     encoder, dataset_cfg, what = resolve_encoder(cfg)
-    for split in ("train", "test"):
-        if not build_dataset(dataset_cfg, split).has_labels:
+    splits = {split: build_dataset(dataset_cfg, split) for split in ("train", "test")}
+    for split, data in splits.items():
+        if not data.has_labels:
             raise ValueError(f"the {split} split of {dataset_cfg.name} has no labels: k-NN needs them")
     if isinstance(encoder, torch.nn.Module):
         encoder = encoder.to(device).eval()
     limits = {"train": cfg.max_train_samples, "test": cfg.max_test_samples}
     loaders = [
-        clean_loader(dataset_cfg, s, cfg.batch_size, cfg.num_workers, max_samples=limits[s])
-        for s in ("train", "test")
+        clean_loader(data, dataset_cfg, cfg.batch_size, cfg.num_workers, max_samples=limits[s])
+        for s, data in splits.items()
     ]
     train_x, train_y = extract_features(encoder, loaders[0], device, progress=True)
     test_x, test_y = extract_features(encoder, loaders[1], device, progress=True)
