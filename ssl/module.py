@@ -60,6 +60,7 @@ class SSLModule(pl.LightningModule):
         self.batch_size = batch_size
         for objective in self.objectives.values():
             objective.check_backbone(backbone)
+            objective.prepare_backbone(backbone)
         spec = shared_teacher_spec(self.objectives)
         self.teacher = EMATeacher(self.mirrored_by_teacher(), spec) if spec else None
         self.schedules: dict[str, np.ndarray] = {}
@@ -75,8 +76,15 @@ class SSLModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        objectives = list(self.objectives.values())
+
+        def backbone_exempt(name: str, param: nn.Parameter) -> bool:
+            return default_no_weight_decay(name, param) or any(
+                o.backbone_no_weight_decay(name, param) for o in objectives
+            )
+
         named = [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
-        groups = split_weight_decay(named, default_no_weight_decay)
+        groups = split_weight_decay(named, backbone_exempt)
         for objective in self.objectives.values():
             groups += split_weight_decay(objective.named_parameters(), objective.no_weight_decay)
         groups = [g for g in groups if g["params"]]
@@ -88,12 +96,19 @@ class SSLModule(pl.LightningModule):
         return self.batch_size * world * accumulate
 
     def build_schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-        """Per-step lr (scaled by global batch / 256), weight decay and teacher momentum."""
+        """Per-step lr, weight decay and teacher momentum.
+
+        lr = base lr x global batch / lr_reference_batch (256 for DINO and MAE, 512 for MFM);
+        MFM's recipe also scales its min and warm-up start lr (`scale_min_lr_with_batch`).
+        """
         cfg = self.optim_cfg
-        lr = cfg.lr * (self.global_batch_size() / 256 if cfg.scale_lr_with_batch else 1.0)
+        scale = self.global_batch_size() / cfg.get("lr_reference_batch", 256)
+        lr = cfg.lr * (scale if cfg.scale_lr_with_batch else 1.0)
+        low_scale = scale if cfg.get("scale_min_lr_with_batch", False) else 1.0
+        min_lr, warmup_start = cfg.min_lr * low_scale, cfg.get("warmup_start_lr", 0.0) * low_scale
         warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
         schedules = {
-            "lr": cosine_schedule(lr, cfg.min_lr, total_steps, warmup),
+            "lr": cosine_schedule(lr, min_lr, total_steps, warmup, warmup_start),
             "weight_decay": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total_steps),
         }
         if self.teacher is not None:
@@ -131,7 +146,7 @@ class SSLModule(pl.LightningModule):
             logs[f"{name}/loss"] = out.loss.detach()
             for key, value in out.metrics.items():
                 logs[f"{name}/{key}"] = value
-        batch_size = batch["views"][0].shape[0]
+        batch_size = len(batch["index"])
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
         if self.schedules:

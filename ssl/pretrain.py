@@ -17,13 +17,13 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl.backbones.factory import build_backbone, check_backbone_name
+from ssl.backbones.factory import build_backbone, check_backbone_name, is_vit_name
 from ssl.callbacks.online_knn import OnlineKNN
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.datasets import build_dataset
 from ssl.export import export_backbone
 from ssl.module import SSLModule
-from ssl.objectives import build_objective
+from ssl.objectives import OBJECTIVES, build_objective
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -102,10 +102,23 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
     )
 
 
+def resolve_drop_path_rate(cfg: DictConfig) -> None:
+    """backbone.drop_path_rate=auto: the objectives' recipe (the largest, for a combination).
+
+    DINO trains its ViTs with stochastic depth 0.1, MAE and MFM without; CNNs get none. The
+    resolved value is written into the config, so the run directory records it.
+    """
+    if cfg.backbone.get("drop_path_rate") != "auto":
+        return
+    rates = [OBJECTIVES[name].recipe_drop_path_rate for name in cfg.objective if name in OBJECTIVES]
+    cfg.backbone.drop_path_rate = max(rates, default=0.0) if is_vit_name(cfg.backbone.name) else None
+
+
 def build_module(cfg: DictConfig) -> SSLModule:
+    resolve_drop_path_rate(cfg)
     backbone = build_backbone(cfg.backbone)
     objectives = {
-        name: build_objective(name, obj_cfg, backbone.embed_dim)
+        name: build_objective(name, obj_cfg, backbone)
         for name, obj_cfg in cfg.objective.items()
     }
     weights = {name: float(obj_cfg.get("weight", 1.0)) for name, obj_cfg in cfg.objective.items()}
@@ -132,8 +145,9 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     module = build_module(cfg)
     prepare_run_dir(run_dir, cfg)
     views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
+    maskers = [m for o in module.objectives.values() for m in o.batch_maskers()]
     data = PretrainDataModule(
-        cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset
+        cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset, maskers=maskers
     )
     knn = None
     eval_sets = OnlineKNN.labelled_eval_sets(cfg.dataset) if cfg.knn.enabled else None

@@ -105,3 +105,32 @@ def test_missing_dataset_fails_with_instructions(tmp_path: Path) -> None:
     )
     assert out.returncode != 0
     assert "apt-get install dataset-fashion-mnist" in out.stderr
+
+
+def test_mae_on_a_resnet_fails_before_training_and_suggests_mfm(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ssl.pretrain", "objective=mae", "backbone=resnet18",
+         f"hydra.run.dir={tmp_path}/r"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2
+    assert "MAE needs a ViT" in out.stderr and "objective=mfm" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "r" / "config.yaml").exists()  # the run directory holds no run
+
+
+@pytest.mark.parametrize(("objective", "rate"), [("dino", 0.1), ("mae", 0.0), ("mfm", 0.0)])
+def test_drop_path_follows_the_objective_recipe(objective: str, rate: float) -> None:
+    from ssl.pretrain import resolve_drop_path_rate
+
+    cfg = compose_cfg([f"objective={objective}", "backbone=vit_t", "run_dir=/tmp/x"])
+    assert cfg.backbone.drop_path_rate == "auto"
+    resolve_drop_path_rate(cfg)
+    assert cfg.backbone.drop_path_rate == rate
+    assert cfg.optimizer.name == "adamw" and cfg.optimizer.betas[1] == (0.999 if objective == "dino" else 0.95)
+    explicit = compose_cfg([f"objective={objective}", "backbone=vit_t", "backbone.drop_path_rate=0.2"])
+    resolve_drop_path_rate(explicit)
+    assert explicit.backbone.drop_path_rate == 0.2
+    resnet = compose_cfg([f"objective={objective}", "backbone=resnet18"])
+    resolve_drop_path_rate(resnet)
+    assert resnet.backbone.drop_path_rate is None

@@ -42,3 +42,26 @@ class Backbone(nn.Module):
         self, images: torch.Tensor, return_blocks: bool = False
     ) -> BackboneFeatures:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def output_grid(self, image_size: int) -> tuple[int, int]:
+        """The (h, w) feature grid for a square image of this size: one dry run in eval mode.
+
+        Architecture-agnostic (a small-image stem changes a ResNet's stride from 32 to 8).
+        """
+        was_training = self.training
+        device = next(self.parameters()).device
+        self.eval()
+        try:
+            grid = self.forward_features(torch.zeros(1, 3, image_size, image_size, device=device)).grid
+        finally:
+            self.train(was_training)
+        return tuple(grid)
+
+    def output_stride(self, probe_size: int = 256) -> int:
+        """Pixels per feature-grid cell (ViT: the patch size; ResNet: 32, or 8 with the small stem).
+
+        Measured at a probe size divisible by every usual stride, so that a grid which overhangs a
+        small image (28 px at stride 8 gives 4 cells) does not distort it.
+        """
+        return max(1, round(probe_size / self.output_grid(probe_size)[0]))

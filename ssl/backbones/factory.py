@@ -39,7 +39,7 @@ def check_backbone_name(name: str) -> None:
 def timm_kwargs_for(cfg: Any) -> dict:
     """The keyword arguments given to `timm.create_model` (also written next to exported weights)."""
     kwargs: dict = {"num_classes": 0, **dict(cfg.get("kwargs") or {})}
-    if cfg.get("drop_path_rate") is not None:
+    if cfg.get("drop_path_rate") not in (None, "auto"):  # "auto": resolved by ssl.pretrain
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if is_vit_name(cfg.name):
         kwargs.update(img_size=cfg.img_size, patch_size=cfg.patch_size, dynamic_img_size=True)

@@ -51,6 +51,9 @@ class ViTBackbone(Backbone):
         self.patch_size = model.patch_embed.patch_size[0]
         self.grid = tuple(model.patch_embed.grid_size)
 
+    def output_stride(self, probe_size: int = 256) -> int:
+        return self.patch_size
+
     @property
     def depth(self) -> int:
         return len(self.model.blocks)

@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ssl.data.datasets import build_dataset
-from ssl.data.views import MultiCropTransform, eval_transform
-from ssl.objectives.base import ViewSpec
+from ssl.data.views import MultiCropTransform, PlainCropTransform, PretrainViews, eval_transform
+from ssl.objectives.base import BatchMasker, IncompatibleConfigError, ViewSpec
 
 
 class TransformedDataset(Dataset):
     """Applies `transform` to a (PIL image, label) dataset and returns dicts with the index.
 
-    key="views" for the pretraining views (a list of crops), key="image" for evaluation. The
-    per-sample index lets objectives keep per-instance state (CoKe's label memory).
+    key="image" for evaluation; key=None when the transform itself returns a dict of views
+    ("views", "plain_views"). The per-sample index lets objectives keep per-instance state
+    (CoKe's label memory).
     """
 
-    def __init__(self, dataset: Dataset, transform: Callable, key: str) -> None:
+    def __init__(self, dataset: Dataset, transform: Callable, key: str | None) -> None:
         self.dataset = dataset
         self.transform = transform
         self.key = key
@@ -31,15 +32,47 @@ class TransformedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.dataset[index]
-        return {self.key: self.transform(image), "label": label, "index": index}
+        views = self.transform(image)
+        sample = dict(views) if self.key is None else {self.key: views}
+        return {**sample, "label": label, "index": index}
 
 
 def merge_view_specs(specs: list[ViewSpec]) -> ViewSpec:
-    """The union of what several objectives need: the most global and local crops any asks for."""
-    return ViewSpec(
-        global_crops=max((s.global_crops for s in specs), default=1),
+    """The union of what several objectives need: the most crops of each kind any asks for."""
+    scales = {s.plain_crop_scale for s in specs if s.plain_crops}
+    if len(scales) > 1:
+        raise IncompatibleConfigError(
+            f"objectives ask for plain crops with different scales {sorted(scales)}: set the same "
+            "objective.<name>.crop_scale for all of them."
+        )
+    merged = ViewSpec(
+        global_crops=max((s.global_crops for s in specs), default=0),
         local_crops=max((s.local_crops for s in specs), default=0),
+        plain_crops=max((s.plain_crops for s in specs), default=0),
+        plain_crop_scale=scales.pop() if scales else ViewSpec().plain_crop_scale,
     )
+    if merged.local_crops and not merged.global_crops:
+        raise IncompatibleConfigError("local crops need at least one global crop (global_crops >= 1).")
+    if not (merged.global_crops or merged.plain_crops):
+        raise IncompatibleConfigError("the objectives ask for no views at all.")
+    return merged
+
+
+class MaskingCollate:
+    """`default_collate`, then each masker adds its per-sample masks for the whole batch.
+
+    Runs inside the DataLoader workers, so masks cost the training step nothing and use the
+    worker's seeded RNG (different on every rank and worker, reproducible from the seed).
+    """
+
+    def __init__(self, maskers: Sequence[BatchMasker]) -> None:
+        self.maskers = list(maskers)
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = default_collate(samples)
+        for masker in self.maskers:
+            batch.update(masker(len(samples)))
+        return batch
 
 
 class PretrainDataModule(pl.LightningDataModule):
@@ -52,26 +85,42 @@ class PretrainDataModule(pl.LightningDataModule):
         batch_size: int,
         num_workers: int,
         dataset: Dataset | None = None,
+        maskers: Sequence[BatchMasker] = (),
     ) -> None:
-        """`dataset`: the already built "pretrain" split, so a folder is not scanned twice."""
+        """`dataset`: the already built "pretrain" split, so a folder is not scanned twice.
+
+        `maskers`: the objectives' per-batch mask generators (MAE token masks, MFM frequency
+        masks), run in the collate step.
+        """
         super().__init__()
         self.dataset_cfg = dataset_cfg
         self.views = views
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.dataset = dataset
+        self.collate = MaskingCollate(maskers)
         self.train_set: Dataset | None = None
 
     def multicrop(self) -> MultiCropTransform:
         return MultiCropTransform.from_config(
-            self.dataset_cfg, self.views.global_crops, self.views.local_crops
+            self.dataset_cfg, max(self.views.global_crops, 1), self.views.local_crops
         )
+
+    def transform(self) -> PretrainViews:
+        cfg, views = self.dataset_cfg, self.views
+        multicrop = self.multicrop() if views.global_crops else None
+        plain = None
+        if views.plain_crops:
+            plain = PlainCropTransform(
+                cfg.image_size, views.plain_crop_scale, tuple(cfg.mean), tuple(cfg.std)
+            )
+        return PretrainViews(multicrop, plain, views.plain_crops)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             if self.dataset is None:
                 self.dataset = build_dataset(self.dataset_cfg, "pretrain")
-            self.train_set = TransformedDataset(self.dataset, self.multicrop(), "views")
+            self.train_set = TransformedDataset(self.dataset, self.transform(), None)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -83,6 +132,7 @@ class PretrainDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate,
         )
 
 

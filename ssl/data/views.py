@@ -178,6 +178,58 @@ class MultiCropTransform:
         )
 
 
+class PlainCropTransform:
+    """The masked-image-modeling augmentation of MAE and MFM: RandomResizedCrop + flip only.
+
+    RandomResizedCrop(size, scale, bicubic) -> horizontal flip (p=0.5) -> normalise. MFM's
+    official pipeline stops at [0, 1] pixels; its objective undoes the normalisation exactly.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: Sequence[float] = (0.2, 1.0),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.size = int(size)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.pipeline = T.Compose(
+            [
+                T.RandomResizedCrop(self.size, scale=self.scale, interpolation=InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(p=0.5),
+                ToNormalizedTensor(mean, std),
+            ]
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.pipeline(image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale})"
+
+
+class PretrainViews:
+    """Every view a set of objectives asks for, as a dict: "views" (multi-crop), "plain_views"."""
+
+    def __init__(self, multicrop: MultiCropTransform | None, plain: PlainCropTransform | None,
+                 plain_crops: int = 0) -> None:
+        self.multicrop = multicrop
+        self.plain = plain
+        self.plain_crops = plain_crops if plain is not None else 0
+
+    def __call__(self, image: Image.Image) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {}
+        if self.multicrop is not None:
+            out["views"] = self.multicrop(image)
+        if self.plain_crops:
+            out["plain_views"] = [self.plain(image) for _ in range(self.plain_crops)]
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(multicrop={self.multicrop}, plain={self.plain} x{self.plain_crops})"
+
+
 class ResizeIfNeeded:
     """Resize to exactly (size, size) (bicubic), skipping images that already have that size."""
 

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from ssl.backbones.base import Backbone
 from ssl.objectives.base import Objective
 from ssl.objectives.dino import DINO
+from ssl.objectives.mae import MAE
+from ssl.objectives.mfm import MFM
 
-OBJECTIVES: dict[str, type[Objective]] = {"dino": DINO}
+OBJECTIVES: dict[str, type[Objective]] = {"dino": DINO, "mae": MAE, "mfm": MFM}
 
 
-def build_objective(name: str, cfg: Any, embed_dim: int) -> Objective:
-    """Instantiate objective `name` from its config node; unknown names list the valid ones."""
+def build_objective(name: str, cfg: Any, backbone: Backbone) -> Objective:
+    """Instantiate objective `name` from its config node for `backbone`.
+
+    Unknown names list the valid ones; an incompatible backbone fails before anything is built.
+    """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective '{name}'; valid: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name].from_config(cfg, embed_dim)
+    cls = OBJECTIVES[name]
+    cls.check_backbone(backbone)
+    return cls.from_config(cfg, backbone)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -25,10 +25,17 @@ class IncompatibleConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """Crops the data module must produce for an objective (sizes come from the dataset)."""
+    """Crops the data module must produce for an objective (sizes come from the dataset).
 
-    global_crops: int = 1
+    global_crops / local_crops: DINO's multi-crop views, in `batch["views"]` (globals first).
+    plain_crops: RandomResizedCrop(scale=plain_crop_scale) + flip only, the masked-image-modeling
+    recipe (MAE, MFM), at the dataset's image size, in `batch["plain_views"]`.
+    """
+
+    global_crops: int = 0
     local_crops: int = 0
+    plain_crops: int = 0
+    plain_crop_scale: tuple[float, float] = (0.2, 1.0)
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,29 @@ class ObjectiveOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class BatchMasker(Protocol):
+    """Draws per-sample masks for a batch in the data-loading collate step (see ssl/data)."""
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        ...
+
+
+@dataclass
+class Reconstruction:
+    """Images an objective reconstructs, for a user to look at (all [B, 3, H, W], normalised)."""
+
+    original: torch.Tensor
+    corrupted: torch.Tensor
+    reconstruction: torch.Tensor
+
+
 class Objective(nn.Module):
     """Base class. Subclasses set `name`, `needs_teacher` and implement `loss`."""
 
     name: str = "objective"
     needs_teacher: bool = False
+    # Stochastic depth of the official recipe, used when backbone.drop_path_rate=auto (ViTs).
+    recipe_drop_path_rate: float = 0.0
 
     def view_spec(self) -> ViewSpec:
         return ViewSpec()
@@ -78,12 +103,34 @@ class Objective(nn.Module):
         """The head(s) the EMA teacher mirrors besides the backbone (None: backbone only)."""
         return None
 
-    def check_backbone(self, backbone: Backbone) -> None:
-        """Raise `IncompatibleConfigError` with advice when the backbone cannot serve."""
+    @classmethod
+    def check_backbone(cls, backbone: Backbone) -> None:
+        """Raise `IncompatibleConfigError` with advice when the backbone cannot serve.
+
+        Called before the objective is built, so that its heads never see a wrong backbone.
+        """
+
+    def prepare_backbone(self, backbone: Backbone) -> None:
+        """Adjust the student backbone once, before the teacher copies it (MAE: fixed positions)."""
+
+    def batch_maskers(self) -> list[BatchMasker]:
+        """Mask generators the data module runs on every batch (their keys join the batch)."""
+        return []
+
+    def reconstruct(self, images: torch.Tensor, backbone: Backbone) -> Reconstruction | None:
+        """Corrupt clean normalised images and reconstruct them (masked modeling), else None."""
+        return None
 
     def no_weight_decay(self, name: str, param: torch.nn.Parameter) -> bool:
         """Whether a parameter of this objective is exempt from weight decay (biases, norms)."""
         return default_no_weight_decay(name, param)
+
+    def backbone_no_weight_decay(self, name: str, param: torch.nn.Parameter) -> bool:
+        """Backbone parameters this objective's recipe also exempts (MFM: pos_embed, cls_token).
+
+        Added to the default rule (biases and 1-D tensors), which DINO and MAE follow.
+        """
+        return False
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
         """Called after backward and gradient clipping, before the optimizer step."""

@@ -33,6 +33,7 @@ from ssl.optim.schedules import warmup_constant_schedule
 class DINO(Objective):
     name = "dino"
     needs_teacher = True
+    recipe_drop_path_rate = 0.1
 
     def __init__(
         self,
@@ -77,9 +78,9 @@ class DINO(Objective):
         self._teacher = TeacherSpec(teacher_momentum, teacher_momentum_end, train_mode=True)
 
     @classmethod
-    def from_config(cls, cfg: Any, embed_dim: int) -> DINO:
+    def from_config(cls, cfg: Any, backbone: Backbone) -> DINO:
         return cls(
-            embed_dim,
+            backbone.embed_dim,
             out_dim=cfg.out_dim,
             hidden_dim=cfg.hidden_dim,
             bottleneck_dim=cfg.bottleneck_dim,

@@ -1,0 +1,75 @@
+"""The pretraining data module: the union of the objectives' views, masks drawn in the collate step."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ssl.data.datamodule import MaskingCollate, PretrainDataModule, merge_view_specs
+from ssl.data.masking import RandomTokenMasker
+from ssl.data.views import PlainCropTransform
+from ssl.objectives.base import IncompatibleConfigError, ViewSpec
+
+DATASET = OmegaConf.create({
+    "name": "synthetic", "image_size": 16, "local_crop_size": 8, "global_crop_scale": [0.4, 1.0],
+    "local_crop_scale": [0.05, 0.4], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+})
+
+
+class Gradients(Dataset):
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        values = (torch.arange(20 * 20).reshape(20, 20) * (i + 1)) % 256
+        return Image.fromarray(values.to(torch.uint8).numpy()).convert("RGB"), i % 3
+
+
+def test_merge_is_the_union_and_rejects_conflicts() -> None:
+    merged = merge_view_specs([ViewSpec(2, 6), ViewSpec(plain_crops=1)])
+    assert (merged.global_crops, merged.local_crops, merged.plain_crops) == (2, 6, 1)
+    with pytest.raises(IncompatibleConfigError, match="different scales"):
+        merge_view_specs([ViewSpec(plain_crops=1, plain_crop_scale=(0.2, 1.0)),
+                          ViewSpec(plain_crops=1, plain_crop_scale=(0.5, 1.0))])
+    with pytest.raises(IncompatibleConfigError, match="no views"):
+        merge_view_specs([ViewSpec()])
+
+
+def test_plain_crops_and_masks_reach_the_batch() -> None:
+    masker = RandomTokenMasker(16, 0.75, prefix="mae")
+    data = PretrainDataModule(DATASET, ViewSpec(plain_crops=1), batch_size=4, num_workers=0,
+                              dataset=Gradients(), maskers=[masker])
+    batch = next(iter(data.train_dataloader()))
+    assert "views" not in batch
+    assert len(batch["plain_views"]) == 1 and batch["plain_views"][0].shape == (4, 3, 16, 16)
+    assert batch["mae_mask"].shape == (4, 16) and batch["mae_ids_restore"].shape == (4, 16)
+    assert batch["index"].shape == (4,)
+
+
+def test_multicrop_and_plain_views_together() -> None:
+    data = PretrainDataModule(DATASET, ViewSpec(2, 2, 1), batch_size=2, num_workers=0, dataset=Gradients())
+    batch = next(iter(data.train_dataloader()))
+    assert [tuple(v.shape[-2:]) for v in batch["views"]] == [(16, 16), (16, 16), (8, 8), (8, 8)]
+    assert batch["plain_views"][0].shape == (2, 3, 16, 16)
+
+
+def test_masks_differ_across_batches_and_follow_the_seed() -> None:
+    collate = MaskingCollate([RandomTokenMasker(16, 0.5)])
+    samples = [{"x": torch.zeros(1), "index": i} for i in range(3)]
+    torch.manual_seed(0)
+    a, b = collate(samples), collate(samples)
+    torch.manual_seed(0)
+    c = collate(samples)
+    assert not torch.equal(a["mae_ids_shuffle"], b["mae_ids_shuffle"])
+    assert torch.equal(a["mae_ids_shuffle"], c["mae_ids_shuffle"])
+
+
+def test_plain_crop_is_crop_and_flip_only() -> None:
+    """No colour change: a constant grey image stays constant (the multi-crop jitter would not)."""
+    transform = PlainCropTransform(12, (0.2, 1.0), mean=(0.5,) * 3, std=(0.25,) * 3)
+    image = Image.new("RGB", (20, 20), (64, 64, 64))
+    for _ in range(5):
+        crop = transform(image)
+        assert crop.shape == (3, 12, 12)
+        assert torch.allclose(crop, torch.full_like(crop, (64 / 255 - 0.5) / 0.25), atol=1e-5)
