@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssl.backbones.factory import build_backbone, check_backbone_name, is_vit_name
 from ssl.callbacks.online_knn import OnlineKNN
+from ssl.callbacks.reconstructions import ReconstructionGrid, can_reconstruct
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.datasets import build_dataset
 from ssl.export import export_backbone
@@ -157,7 +158,13 @@ def prepare(cfg: DictConfig) -> PreparedRun:
             cfg.knn.max_train_samples, cfg.knn.max_test_samples, cfg.knn.batch_size,
             cfg.knn.num_workers,
         )
-    trainer = build_trainer(cfg, run_dir, [knn] if knn else [])
+    callbacks: list[pl.Callback] = [knn] if knn else []
+    if cfg.reconstructions.enabled and any(can_reconstruct(o) for o in module.objectives.values()):
+        callbacks.append(ReconstructionGrid(
+            dataset, cfg.dataset, run_dir / "reconstructions", cfg.reconstructions.every_n_epochs,
+            cfg.reconstructions.num_images,
+        ))
+    trainer = build_trainer(cfg, run_dir, callbacks)
     return PreparedRun(module, data, trainer, knn)
 
 

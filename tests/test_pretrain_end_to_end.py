@@ -120,3 +120,34 @@ def test_two_cpu_processes_through_lightning_ddp(tmp_path: Path) -> None:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3
     assert out.stdout.count("k-NN (k=20") == 1  # printed by rank 0 only
+
+
+MASKED_TINY = [
+    "data.batch_size=16", "data.num_workers=0", "trainer.limit_train_batches=3", "trainer.max_epochs=1",
+    "knn.max_train_samples=300", "knn.max_test_samples=200", "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1", "reconstructions.num_images=4",
+]
+
+
+@pytest.mark.parametrize(("objective", "backbone", "extra"), [
+    ("mae", "vit_t", ["+backbone.kwargs.depth=2", "objective.mae.decoder_depth=1"]),
+    ("mfm", "resnet18", []),
+    ("mfm", "vit_t", ["+backbone.kwargs.depth=2"]),
+])
+def test_masked_modeling_runs_write_checkpoints_and_reconstructions(
+    tmp_path: Path, objective: str, backbone: str, extra: list[str]
+) -> None:
+    run_dir = tmp_path / objective
+    out = run(["ssl.pretrain", f"objective={objective}", f"backbone={backbone}", *MASKED_TINY, *extra,
+               f"hydra.run.dir={run_dir}"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "reconstructions" / f"{objective}_epoch000.png").is_file()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3 and not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    metrics = (run_dir / "logs" / "metrics.csv").read_text()
+    assert f"train/{objective}/loss" in metrics.splitlines()[0]
+    config = (run_dir / "config.yaml").read_text()
+    if backbone.startswith("vit"):
+        assert "drop_path_rate: 0.0" in config  # MAE / MFM pretrain without stochastic depth
+    assert "top-1" in out.stdout
