@@ -127,7 +127,8 @@ def test_drop_path_follows_the_objective_recipe(objective: str, rate: float) -> 
     assert cfg.backbone.drop_path_rate == "auto"
     resolve_drop_path_rate(cfg)
     assert cfg.backbone.drop_path_rate == rate
-    assert cfg.optimizer.name == "adamw" and cfg.optimizer.betas[1] == (0.999 if objective == "dino" else 0.95)
+    assert cfg.optimizer.name == "adamw"
+    assert cfg.optimizer.betas[1] == (0.999 if objective == "dino" else 0.95)
     explicit = compose_cfg([f"objective={objective}", "backbone=vit_t", "backbone.drop_path_rate=0.2"])
     resolve_drop_path_rate(explicit)
     assert explicit.backbone.drop_path_rate == 0.2
