@@ -21,8 +21,16 @@ from ssl.backbones.base import Backbone
 from ssl.objectives.base import IncompatibleConfigError, Objective, StepContext, TeacherSpec
 from ssl.optim.clipping import clip_gradients
 from ssl.optim.factory import build_optimizer, default_no_weight_decay, split_weight_decay
-from ssl.optim.schedules import cosine_schedule
+from ssl.optim.schedules import LR_SCHEDULES, cosine_schedule
 from ssl.teacher import EMATeacher
+
+
+def lr_schedule(cfg: Any) -> Any:
+    """`optimizer.lr_schedule`: cosine (DINO, MAE) or timm_cosine (MFM); unknown names list both."""
+    name = cfg.get("lr_schedule", "cosine")
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown optimizer.lr_schedule '{name}'; valid: {', '.join(LR_SCHEDULES)}")
+    return LR_SCHEDULES[name]
 
 
 def shared_teacher_spec(objectives: Mapping[str, Objective]) -> TeacherSpec | None:
@@ -108,7 +116,7 @@ class SSLModule(pl.LightningModule):
         min_lr, warmup_start = cfg.min_lr * low_scale, cfg.get("warmup_start_lr", 0.0) * low_scale
         warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
         schedules = {
-            "lr": cosine_schedule(lr, min_lr, total_steps, warmup, warmup_start),
+            "lr": lr_schedule(cfg)(lr, min_lr, total_steps, warmup, warmup_start),
             "weight_decay": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total_steps),
         }
         if self.teacher is not None:

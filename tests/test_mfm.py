@@ -110,7 +110,8 @@ def test_recipe_weight_decay_exemptions() -> None:
     schedules = module.build_schedules(total_steps=1000, steps_per_epoch=10)  # 200 warm-up steps
     factor = 8 / 512
     assert schedules["lr"][0] == pytest.approx(2.5e-7 * factor)
-    assert schedules["lr"].max() == pytest.approx(3e-4 * factor)
+    peak = schedules["lr"].max()  # timm's cosine is under way when the warm-up ends
+    assert 0.99 * 3e-4 * factor < peak < 3e-4 * factor
     assert schedules["lr"][-1] == pytest.approx(2.5e-6 * factor, rel=0.05)
 
 

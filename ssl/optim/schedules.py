@@ -25,6 +25,32 @@ def cosine_schedule(
     return np.concatenate([warmup, cosine])
 
 
+def timm_cosine_schedule(
+    base: float,
+    final: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_start: float = 0.0,
+) -> np.ndarray:
+    """timm's `CosineLRScheduler` (no warmup_prefix), per step, as MFM / SimMIM / Swin use it.
+
+    Warm-up: start + t (base - start) / W for t < W. After it the cosine position is counted
+    from step 0 over all steps, final + (base - final)(1 + cos(pi t / T)) / 2, so the peak sits
+    just below `base` and the decay is spread over the whole run.
+    """
+    total_steps = max(int(total_steps), 0)
+    warmup_steps = min(max(int(warmup_steps), 0), total_steps)
+    t = np.arange(total_steps, dtype=np.float64)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(total_steps, 1)))
+    if warmup_steps:
+        ramp = warmup_start + t[:warmup_steps] * (base - warmup_start) / warmup_steps
+        cosine[:warmup_steps] = ramp
+    return cosine
+
+
+LR_SCHEDULES = {"cosine": cosine_schedule, "timm_cosine": timm_cosine_schedule}
+
+
 def warmup_constant_schedule(start: float, end: float, warmup: int, total: int) -> np.ndarray:
     """`linspace(start, end, warmup)` then constant `end` (DINO's teacher temperature, per epoch)."""
     warmup = min(max(int(warmup), 0), total)
