@@ -220,3 +220,23 @@ def test_reconstruction_pastes_prediction_into_masked_patches() -> None:
     orig, recon = patchify(images, 4), patchify(rec.reconstruction, 4)
     assert torch.allclose(recon[visible], orig[visible])
     assert not torch.allclose(recon[~visible], orig[~visible])
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"reg_tokens": 2, "no_embed_class": True},      # registers, positions on patches only
+    {"class_token": False, "global_pool": "avg"},   # no CLS at all
+])
+def test_any_timm_vit_layout_works(kwargs: dict) -> None:
+    backbone = tiny_vit(**kwargs)
+    mae = MAE(backbone, image_size=16, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    mae.prepare_backbone(backbone)
+    n_prefix = backbone.model.num_prefix_tokens
+    pos = backbone.model.pos_embed[0]
+    assert torch.allclose(pos[-16:], sincos_2d(32, (4, 4)))
+    lengths = []
+    hook = backbone.model.blocks[0].register_forward_hook(lambda m, i, o: lengths.append(o.shape[1]))
+    batch = {"plain_views": [torch.randn(2, 3, 16, 16)], **RandomTokenMasker(16, 0.75)(2)}
+    loss = mae.loss(batch, backbone, None, StepContext()).loss
+    hook.remove()
+    assert lengths == [n_prefix + 4] and torch.isfinite(loss)
+    loss.backward()
