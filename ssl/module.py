@@ -21,7 +21,7 @@ from ssl.backbones.base import Backbone
 from ssl.objectives.base import IncompatibleConfigError, Objective, StepContext, TeacherSpec
 from ssl.optim.clipping import clip_gradients
 from ssl.optim.factory import build_optimizer, default_no_weight_decay, split_weight_decay
-from ssl.optim.schedules import LR_SCHEDULES, cosine_schedule
+from ssl.optim.schedules import LR_SCHEDULES, cosine_schedule, momentum_schedule
 from ssl.teacher import EMATeacher
 
 
@@ -121,7 +121,9 @@ class SSLModule(pl.LightningModule):
         }
         if self.teacher is not None:
             spec = self.teacher.spec
-            schedules["momentum"] = cosine_schedule(spec.momentum, spec.momentum_end, total_steps)
+            schedules["momentum"] = momentum_schedule(
+                spec.schedule, spec.momentum, spec.momentum_end, total_steps, spec.ramp_steps
+            )
         return schedules
 
     def on_train_start(self) -> None:
@@ -143,6 +145,10 @@ class SSLModule(pl.LightningModule):
         )
 
     # ----------------------------------------------------------------------------- step
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.teacher is not None:
+            self.teacher.follow_mode_policy(self.backbone.training)
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         ctx = self.context()
         teacher = self.teacher.module if self.teacher is not None else None

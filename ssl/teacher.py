@@ -35,10 +35,21 @@ class EMATeacher(nn.Module):
         self.module.requires_grad_(False)
         disable_stochastic_layers(self.module)
         self.spec = spec
+        self.train(student.training)
 
     def train(self, mode: bool = True) -> EMATeacher:
         """Follow the student's mode only when the objective wants it (BN batch statistics)."""
         return super().train(mode and self.spec.train_mode)
+
+    def follow_mode_policy(self, student_training: bool) -> None:
+        """Re-apply the mode policy before each step.
+
+        Lightning restores the modes it captured by writing each submodule's `training` flag
+        directly, which bypasses `train()`; a data2vec teacher must still never run in train mode.
+        """
+        wanted = student_training and self.spec.train_mode
+        if any(m.training != wanted for m in self.modules()):
+            super().train(wanted)
 
     def __getitem__(self, key: str) -> nn.Module:
         return self.module[key]

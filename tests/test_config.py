@@ -119,7 +119,9 @@ def test_mae_on_a_resnet_fails_before_training_and_suggests_mfm(tmp_path: Path) 
     assert not (tmp_path / "r" / "config.yaml").exists()  # the run directory holds no run
 
 
-@pytest.mark.parametrize(("objective", "rate"), [("dino", 0.1), ("mae", 0.0), ("mfm", 0.0)])
+@pytest.mark.parametrize(
+    ("objective", "rate"), [("dino", 0.1), ("data2vec", 0.25), ("mae", 0.0), ("mfm", 0.0)]
+)
 def test_drop_path_follows_the_objective_recipe(objective: str, rate: float) -> None:
     from ssl.pretrain import resolve_drop_path_rate
 
@@ -128,7 +130,7 @@ def test_drop_path_follows_the_objective_recipe(objective: str, rate: float) -> 
     resolve_drop_path_rate(cfg)
     assert cfg.backbone.drop_path_rate == rate
     assert cfg.optimizer.name == "adamw"
-    assert cfg.optimizer.betas[1] == (0.999 if objective == "dino" else 0.95)
+    assert cfg.optimizer.betas[1] == (0.999 if objective in ("dino", "data2vec") else 0.95)
     explicit = compose_cfg([f"objective={objective}", "backbone=vit_t", "backbone.drop_path_rate=0.2"])
     resolve_drop_path_rate(explicit)
     assert explicit.backbone.drop_path_rate == 0.2

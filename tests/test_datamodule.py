@@ -29,7 +29,7 @@ class Gradients(Dataset):
 def test_merge_is_the_union_and_rejects_conflicts() -> None:
     merged = merge_view_specs([ViewSpec(2, 6), ViewSpec(plain_crops=1)])
     assert (merged.global_crops, merged.local_crops, merged.plain_crops) == (2, 6, 1)
-    with pytest.raises(IncompatibleConfigError, match="different scales"):
+    with pytest.raises(IncompatibleConfigError, match="different \\(scale, colour jitter\\)"):
         merge_view_specs([ViewSpec(plain_crops=1, plain_crop_scale=(0.2, 1.0)),
                           ViewSpec(plain_crops=1, plain_crop_scale=(0.5, 1.0))])
     with pytest.raises(IncompatibleConfigError, match="no views"):

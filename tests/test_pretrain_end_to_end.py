@@ -151,3 +151,21 @@ def test_masked_modeling_runs_write_checkpoints_and_reconstructions(
     if backbone.startswith("vit"):
         assert "drop_path_rate: 0.0" in config  # MAE / MFM pretrain without stochastic depth
     assert "top-1" in out.stdout
+
+
+def test_data2vec_run_keeps_an_eval_mode_teacher(tmp_path: Path) -> None:
+    run_dir = tmp_path / "d2v"
+    out = run(["ssl.pretrain", "objective=data2vec", "backbone=vit_t", "+backbone.kwargs.depth=2",
+               "objective.data2vec.top_k=2", *MASKED_TINY, f"hydra.run.dir={run_dir}"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    assert ckpt["global_step"] == 3
+    assert "objectives.data2vec.mask_token" in state
+    assert any(k.startswith("teacher.module.backbone.") for k in state)
+    assert not any(k.startswith("teacher.module.data2vec") for k in state)  # the head is student-only
+    header = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
+    for name in ("train/data2vec/loss", "train/data2vec/target_std", "train/teacher_momentum"):
+        assert name in header, name
+    assert not (run_dir / "reconstructions").exists()
+    assert "drop_path_rate: 0.25" in (run_dir / "config.yaml").read_text()

@@ -65,26 +65,36 @@ class ViTBackbone(Backbone):
             return None
         return torch.cat([t.expand(batch, -1, -1) for t in parts], dim=1)
 
-    def patch_embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Patch tokens [B, L, D] with their position embedding added, and the token grid."""
+    def embed_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch tokens [B, L, D] *before* any position embedding, and the token grid.
+
+        data2vec / BEiT blend their mask token in here, before positions are added.
+        """
         tokens = self.model.patch_embed(images)
         if tokens.ndim == 4:  # NHWC from timm's dynamic-size patch embedding
             b, h, w, d = tokens.shape
-            tokens = tokens.reshape(b, h * w, d)
-        else:
-            h = images.shape[-2] // self.patch_size
-            w = images.shape[-1] // self.patch_size
+            return tokens.reshape(b, h * w, d), (h, w)
+        return tokens, (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+
+    def add_position(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Add the patch position embedding, interpolated to `grid` (no-op without one)."""
         pos = self.model.pos_embed
+        if pos is None:
+            return tokens
         n_prefix_pos = 0 if self.model.no_embed_class else self.model.num_prefix_tokens
-        patch_pos = interpolate_patch_pos_embed(pos[:, n_prefix_pos:], self.grid, (h, w))
-        return tokens + patch_pos, (h, w)
+        return tokens + interpolate_patch_pos_embed(pos[:, n_prefix_pos:], self.grid, grid)
+
+    def patch_embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch tokens [B, L, D] with their position embedding added, and the token grid."""
+        tokens, grid = self.embed_patches(images)
+        return self.add_position(tokens, grid), grid
 
     def add_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prepend CLS/register tokens (with their position embedding where timm gives them one)."""
         prefix = self.prefix_tokens(tokens.shape[0])
         if prefix is None:
             return tokens
-        if not self.model.no_embed_class:
+        if not self.model.no_embed_class and self.model.pos_embed is not None:
             prefix = prefix + self.model.pos_embed[:, : self.model.num_prefix_tokens]
         return torch.cat([prefix, tokens], dim=1)
 

@@ -39,17 +39,19 @@ class TransformedDataset(Dataset):
 
 def merge_view_specs(specs: list[ViewSpec]) -> ViewSpec:
     """The union of what several objectives need: the most crops of each kind any asks for."""
-    scales = {s.plain_crop_scale for s in specs if s.plain_crops}
-    if len(scales) > 1:
+    recipes = {(s.plain_crop_scale, s.plain_color_jitter) for s in specs if s.plain_crops}
+    if len(recipes) > 1:
         raise IncompatibleConfigError(
-            f"objectives ask for plain crops with different scales {sorted(scales)}: set the same "
-            "objective.<name>.crop_scale for all of them."
+            f"objectives ask for plain crops with different (scale, colour jitter) {sorted(recipes)}: "
+            "set the same objective.<name>.crop_scale (and color_jitter) for all of them."
         )
+    scale, jitter = recipes.pop() if recipes else (ViewSpec().plain_crop_scale, 0.0)
     merged = ViewSpec(
         global_crops=max((s.global_crops for s in specs), default=0),
         local_crops=max((s.local_crops for s in specs), default=0),
         plain_crops=max((s.plain_crops for s in specs), default=0),
-        plain_crop_scale=scales.pop() if scales else ViewSpec().plain_crop_scale,
+        plain_crop_scale=scale,
+        plain_color_jitter=jitter,
     )
     if merged.local_crops and not merged.global_crops:
         raise IncompatibleConfigError("local crops need at least one global crop (global_crops >= 1).")
@@ -112,7 +114,8 @@ class PretrainDataModule(pl.LightningDataModule):
         plain = None
         if views.plain_crops:
             plain = PlainCropTransform(
-                cfg.image_size, views.plain_crop_scale, tuple(cfg.mean), tuple(cfg.std)
+                cfg.image_size, views.plain_crop_scale, tuple(cfg.mean), tuple(cfg.std),
+                color_jitter=views.plain_color_jitter,
             )
         return PretrainViews(multicrop, plain, views.plain_crops)
 

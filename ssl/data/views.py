@@ -183,6 +183,7 @@ class PlainCropTransform:
 
     RandomResizedCrop(size, scale, bicubic) -> horizontal flip (p=0.5) -> normalise. MFM's
     official pipeline stops at [0, 1] pixels; its objective undoes the normalisation exactly.
+    data2vec 1.0 (BEiT's pipeline) puts ColorJitter(j, j, j), always applied, in front.
     """
 
     def __init__(
@@ -191,11 +192,15 @@ class PlainCropTransform:
         scale: Sequence[float] = (0.2, 1.0),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        color_jitter: float = 0.0,
     ) -> None:
         self.size = int(size)
         self.scale = (float(scale[0]), float(scale[1]))
+        self.color_jitter = float(color_jitter)
+        jitter = [T.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else []
         self.pipeline = T.Compose(
             [
+                *jitter,
                 T.RandomResizedCrop(self.size, scale=self.scale, interpolation=InterpolationMode.BICUBIC),
                 T.RandomHorizontalFlip(p=0.5),
                 ToNormalizedTensor(mean, std),
@@ -206,7 +211,7 @@ class PlainCropTransform:
         return self.pipeline(image)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, scale={self.scale})"
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, jitter={self.color_jitter})"
 
 
 class PretrainViews:

@@ -28,29 +28,35 @@ class ViewSpec:
     """Crops the data module must produce for an objective (sizes come from the dataset).
 
     global_crops / local_crops: DINO's multi-crop views, in `batch["views"]` (globals first).
-    plain_crops: RandomResizedCrop(scale=plain_crop_scale) + flip only, the masked-image-modeling
-    recipe (MAE, MFM), at the dataset's image size, in `batch["plain_views"]`.
+    plain_crops: RandomResizedCrop(scale=plain_crop_scale) + flip, the masked-image-modeling
+    recipe (MAE, MFM), at the dataset's image size, in `batch["plain_views"]`; data2vec 1.0 adds
+    ColorJitter(j, j, j) first (`plain_color_jitter`, 0 = none).
     """
 
     global_crops: int = 0
     local_crops: int = 0
     plain_crops: int = 0
     plain_crop_scale: tuple[float, float] = (0.2, 1.0)
+    plain_color_jitter: float = 0.0
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
     """How the shared EMA teacher behaves for an objective.
 
-    momentum -> momentum_end follows a per-step cosine; `train_mode` says whether the teacher
-    follows the student's train/eval mode (DINO) or always stays in eval mode (data2vec).
-    `buffers`: "keep" (EMA over parameters only, as DINO) or "copy" (buffers copied each step).
+    momentum -> momentum_end per optimizer step, following `schedule`: "cosine" over the run
+    (DINO), "constant" (data2vec 1.0: momentum only) or "linear" over `ramp_steps` updates then
+    constant (data2vec 2.0). `train_mode` says whether the teacher follows the student's
+    train/eval mode (DINO) or always stays in eval mode (data2vec). `buffers`: "keep" (EMA over
+    parameters only, as DINO) or "copy" (buffers copied each step).
     """
 
     momentum: float = 0.996
     momentum_end: float = 1.0
     train_mode: bool = True
     buffers: str = "keep"
+    schedule: str = "cosine"
+    ramp_steps: int = 0
 
 
 @dataclass

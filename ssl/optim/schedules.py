@@ -48,6 +48,27 @@ def timm_cosine_schedule(
     return cosine
 
 
+def linear_ramp_schedule(start: float, end: float, total_steps: int, ramp_steps: int) -> np.ndarray:
+    """fairseq's `get_annealed_rate`: end - (end - start)(1 - t / T) for t < T, then `end`."""
+    t = np.arange(max(int(total_steps), 0), dtype=np.float64)
+    if ramp_steps <= 0:
+        return np.full_like(t, end)
+    return np.where(t < ramp_steps, end - (end - start) * (1 - t / ramp_steps), end)
+
+
+def momentum_schedule(
+    kind: str, start: float, end: float, total_steps: int, ramp_steps: int = 0
+) -> np.ndarray:
+    """The EMA teacher's momentum per optimizer step: cosine | constant | linear."""
+    if kind == "cosine":
+        return cosine_schedule(start, end, total_steps)
+    if kind == "constant":
+        return np.full(max(int(total_steps), 0), start, dtype=np.float64)
+    if kind == "linear":
+        return linear_ramp_schedule(start, end, total_steps, ramp_steps)
+    raise ValueError(f"unknown teacher momentum schedule '{kind}'; valid: cosine, constant, linear")
+
+
 LR_SCHEDULES = {"cosine": cosine_schedule, "timm_cosine": timm_cosine_schedule}
 
 

@@ -1,0 +1,179 @@
+"""data2vec (Baevski et al., 2022) for vision: predict the EMA teacher's contextualised features
+at masked positions.
+
+Defaults follow the data2vec 1.0 vision recipe (facebookresearch/data2vec_vision, BEiT code,
+README ViT-B command): BEiT block masks (~61%) drawn with the batch, a learned mask token blended
+in before the position embedding, a linear regression head on the student's final-norm output at
+masked positions; the teacher is the shared EMA teacher, always in eval mode, run on the unmasked
+image without gradients and in float32; targets are its top-K block outputs (after the residual,
+before the final norm), each layer-normalised without parameters, averaged, then layer-normalised
+again; Smooth-L1 (beta 2) averaged over all masked elements; constant EMA 0.9998.
+
+data2vec 2.0 options on the same machinery: instance-norm targets, a linear EMA ramp, and
+several masks per image sharing one teacher pass (`clone_batch`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl.backbones.base import Backbone
+from ssl.backbones.vit import ViTBackbone
+from ssl.data.masking import BlockMasker, BlockMaskGenerator
+from ssl.losses.data2vec import data2vec_targets, feature_std, regression_loss
+from ssl.objectives.base import (
+    BatchMasker,
+    IncompatibleConfigError,
+    Objective,
+    ObjectiveOutput,
+    StepContext,
+    TeacherSpec,
+    ViewSpec,
+)
+
+# The official target layers: the last 6 blocks (6-11 of ViT-B, 18-23 of ViT-L).
+DEFAULT_TOP_K = 6
+
+
+class Data2Vec(Objective):
+    name = "data2vec"
+    needs_teacher = True
+    recipe_drop_path_rate = 0.25  # README ViT-B; the teacher runs without it
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        image_size: int,
+        top_k: int | None = None,
+        target_norm: str = "layer",
+        final_layer_norm: bool = True,
+        loss_beta: float = 2.0,
+        mask_fraction: float | None = None,
+        clone_batch: int = 1,
+        teacher: TeacherSpec | None = None,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        color_jitter: float = 0.4,
+    ) -> None:
+        super().__init__()
+        self.check_backbone(backbone)
+        depth = backbone.depth
+        self.top_k = int(top_k) if top_k else min(DEFAULT_TOP_K, depth)
+        if not 0 < self.top_k <= depth:
+            raise IncompatibleConfigError(
+                f"objective.data2vec.top_k={top_k} but the backbone has {depth} blocks: use 1..{depth}"
+            )
+        self.target_norm = target_norm
+        self.final_layer_norm = final_layer_norm
+        self.loss_beta = float(loss_beta)
+        self.clone_batch = int(clone_batch)
+        if self.clone_batch < 1:
+            raise IncompatibleConfigError(f"objective.data2vec.clone_batch must be >= 1, got {clone_batch}")
+        patch = backbone.patch_size
+        if image_size % patch:
+            raise IncompatibleConfigError(f"patch size {patch} does not divide image size {image_size}")
+        self.grid = (image_size // patch, image_size // patch)
+        self.mask_generator = BlockMaskGenerator.scaled(self.grid, mask_fraction)
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.color_jitter = float(color_jitter)
+        dim = backbone.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.head = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self._teacher = teacher or TeacherSpec(0.9998, 0.9998, train_mode=False, buffers="copy",
+                                               schedule="constant")
+
+    @classmethod
+    def from_config(cls, cfg: Any, backbone: Backbone) -> Data2Vec:
+        t = cfg.teacher
+        teacher = TeacherSpec(
+            t.momentum, t.momentum_end, train_mode=False, buffers="copy", schedule=t.schedule,
+            ramp_steps=int(t.ramp_steps),
+        )
+        return cls(
+            backbone,
+            image_size=cfg.image_size,
+            top_k=cfg.top_k,
+            target_norm=cfg.target_norm,
+            final_layer_norm=cfg.final_layer_norm,
+            loss_beta=cfg.loss_beta,
+            mask_fraction=cfg.mask_fraction,
+            clone_batch=cfg.clone_batch,
+            teacher=teacher,
+            crop_scale=tuple(cfg.crop_scale),
+            color_jitter=cfg.color_jitter,
+        )
+
+    @classmethod
+    def check_backbone(cls, backbone: Backbone) -> None:
+        if not isinstance(backbone, ViTBackbone):
+            raise IncompatibleConfigError(
+                f"data2vec needs a ViT backbone: it puts a mask token at masked patch positions and "
+                f"regresses per-block token features, and '{backbone.timm_name}' is not a ViT. Use "
+                "backbone=vit_t|vit_s|vit_b, or objective=mfm / objective=dino for CNNs."
+            )
+
+    def view_spec(self) -> ViewSpec:
+        return ViewSpec(plain_crops=1, plain_crop_scale=self.crop_scale, plain_color_jitter=self.color_jitter)
+
+    def teacher_spec(self) -> TeacherSpec:
+        return self._teacher
+
+    def batch_maskers(self) -> list[BatchMasker]:
+        return [BlockMasker(self.mask_generator, self.clone_batch, prefix=self.name)]
+
+    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        """As the BEiT code: biases and 1-D tensors exempt; the mask token is decayed."""
+        return param.ndim < 2 or name.endswith(".bias")
+
+    def backbone_no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        """The BEiT encoder's no_weight_decay list: pos_embed and cls_token."""
+        return name.endswith(("pos_embed", "cls_token"))
+
+    def student_predictions(
+        self, backbone: ViTBackbone, images: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Mask token at masked positions (before positions are added), encode, regress: [M, D]."""
+        tokens, grid = backbone.embed_patches(images)
+        weight = mask.unsqueeze(-1).to(tokens.dtype)
+        tokens = tokens * (1 - weight) + self.mask_token.to(tokens.dtype) * weight
+        x, _ = backbone.run_blocks(backbone.add_prefix(backbone.add_position(tokens, grid)))
+        patches = x[:, backbone.model.num_prefix_tokens :]
+        return self.head(patches[mask])
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher_backbone: ViTBackbone, images: torch.Tensor) -> torch.Tensor:
+        """Targets [B, L, D] from one float32 teacher pass over the unmasked images."""
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            tokens, _ = teacher_backbone.patch_embed(images.float())
+            _, blocks = teacher_backbone.run_blocks(teacher_backbone.add_prefix(tokens), return_blocks=True)
+            return data2vec_targets(blocks, self.top_k, self.target_norm, self.final_layer_norm)
+
+    def loss(
+        self,
+        batch: Mapping[str, Any],
+        backbone: Backbone,
+        teacher: nn.ModuleDict | None,
+        ctx: StepContext,
+    ) -> ObjectiveOutput:
+        images = batch["plain_views"][0]
+        mask = batch[f"{self.name}_mask"].bool()
+        targets = self.teacher_targets(teacher["backbone"], images)
+        if self.clone_batch > 1:
+            images = images.repeat_interleave(self.clone_batch, dim=0)
+            targets = targets.repeat_interleave(self.clone_batch, dim=0)
+        pred = self.student_predictions(backbone, images, mask)
+        target = targets[mask]
+        loss = regression_loss(pred, target, self.loss_beta)
+        with torch.no_grad():
+            metrics = {
+                "target_std": feature_std(target),
+                "pred_std": feature_std(pred),
+                "masked_fraction": mask.float().mean(),
+            }
+        return ObjectiveOutput(loss, metrics)
