@@ -4,9 +4,10 @@
 
 Least work: the student's forward + backward over the same crops (one pass per resolution,
 backbone and the heads the teacher mirrors, summed output as loss) plus the teacher's forward on
-the global crops. The full step adds the objective's loss, gradient clipping, the optimizer step
-and the EMA update. Synthetic crops of the configured sizes isolate the model from the data
-pipeline, which is measured separately (images/s of the view transform, one process).
+the global crops (data2vec: on the unmasked plain view). The full step adds the objective's
+loss, gradient clipping, the optimizer step and the EMA update. Synthetic crops of the
+configured sizes isolate the model from the data pipeline, which is measured separately
+(images/s of the view transform, one process).
 
 Masked image modeling (MAE, MFM) uses one plain crop per image; there the reference is a
 full-token forward + backward of the same encoder, so MAE's step / reference ratio shows what
@@ -88,6 +89,8 @@ def benchmark(cfg: DictConfig, steps: int = 10, warmup: int = 3) -> dict[str, An
     module.schedules = module.build_schedules(10_000, 100)
     batch = synthetic_batch(cfg, module, device)
     n_global = merge_view_specs([o.view_spec() for o in module.objectives.values()]).global_crops
+    # The teacher sees DINO's global crops, or the plain view (data2vec: the unmasked image).
+    teacher_crops = batch["views"][:n_global] if n_global else batch.get("plain_views", [])[:1]
     student = module.mirrored_by_teacher()
     teacher = module.teacher.module if module.teacher is not None else None
     dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -102,7 +105,7 @@ def benchmark(cfg: DictConfig, steps: int = 10, warmup: int = 3) -> dict[str, An
             loss = encode_through(student, student_crops(batch))
             if teacher is not None:
                 with torch.no_grad():
-                    encode_through(teacher, batch["views"][:n_global])
+                    encode_through(teacher, teacher_crops)
         loss.backward()
         student.zero_grad(set_to_none=True)
 

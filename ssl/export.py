@@ -72,5 +72,7 @@ def load_checkpoint_backbone(path: str | Path, which: str = "teacher") -> tuple[
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
             backbone.load_state_dict(sub)
+            # Objectives without a teacher (MAE, MFM) only have the student's weights.
+            backbone.weights_source = "teacher" if prefix.startswith("teacher.") else "student"
             return backbone, config
     raise ValueError(f"{path} holds no backbone weights (looked for {prefixes})")

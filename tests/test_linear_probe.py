@@ -127,7 +127,7 @@ def test_cli_raw_pixel_probe_on_fashion_mnist(tmp_path: Path) -> None:
     assert "linear probe on fashion_mnist (raw pixels in [0, 1])" in out.stdout and "top-1" in out.stdout
     result = json.loads(output.read_text())
     assert (result["train_size"], result["val_size"], result["test_size"]) == (2000, 200, 500)
-    assert result["feature_dim"] == 3 * 28 * 28 and len(result["grid"]) == 12
+    assert result["feature_dim"] == 3 * 28 * 28 and len(result["grid"]) == 22
     assert result["top1"] > 70.0 and result["top5"] > 95.0
     assert result["val_top1"] == max(g["val_top1"] for g in result["grid"])
 

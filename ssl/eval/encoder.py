@@ -46,7 +46,7 @@ def resolve_encoder(cfg: DictConfig) -> tuple[Callable[[torch.Tensor], torch.Ten
         backbone, run_cfg = load_checkpoint_backbone(path, cfg.weights)
         if dataset_cfg is None:
             dataset_cfg = OmegaConf.create(run_cfg["dataset"])
-        return backbone, dataset_cfg, f"{cfg.weights} backbone of {path}"
+        return backbone, dataset_cfg, f"{backbone.weights_source} backbone of {path}"
     if cfg.get("backbone") is not None:
         if dataset_cfg is None:
             raise ValueError("a random-init baseline needs a dataset: add dataset=<name>")

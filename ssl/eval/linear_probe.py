@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ssl.eval.knn_classifier import topk_accuracy
 
-DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4)
 
 
