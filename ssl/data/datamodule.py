@@ -103,14 +103,11 @@ class PretrainDataModule(pl.LightningDataModule):
         self.collate = MaskingCollate(maskers)
         self.train_set: Dataset | None = None
 
-    def multicrop(self) -> MultiCropTransform:
-        return MultiCropTransform.from_config(
-            self.dataset_cfg, max(self.views.global_crops, 1), self.views.local_crops
-        )
-
     def transform(self) -> PretrainViews:
         cfg, views = self.dataset_cfg, self.views
-        multicrop = self.multicrop() if views.global_crops else None
+        multicrop = None
+        if views.global_crops:
+            multicrop = MultiCropTransform.from_config(cfg, views.global_crops, views.local_crops)
         plain = None
         if views.plain_crops:
             plain = PlainCropTransform(

@@ -102,7 +102,7 @@ class MFM(Objective):
     def predict(self, backbone: Backbone, corrupted: torch.Tensor) -> torch.Tensor:
         """Encode the whole corrupted image; the head predicts the full image [B, 3, H, W]."""
         features = backbone.forward_features(corrupted)
-        b, length, dim = features.patch_tokens.shape
+        b, _, dim = features.patch_tokens.shape
         h, w = features.grid
         feature_map = features.patch_tokens.transpose(1, 2).reshape(b, dim, h, w)
         pred = self.head(feature_map)
@@ -118,7 +118,7 @@ class MFM(Objective):
     ) -> ObjectiveOutput:
         images = batch["plain_views"][0]
         keep = batch["mfm_keep"]
-        pred = self.predict(backbone, self.corrupt(images, keep).to(images.dtype))
+        pred = self.predict(backbone, self.corrupt(images, keep))
         loss = mfm_loss(pred, images, keep, self.loss_gamma, self.focal)
         return ObjectiveOutput(loss, {"lowpass_fraction": keep.flatten(1).mean(1).lt(0.5).float().mean()})
 
