@@ -38,6 +38,16 @@ from ssl.module import SSLModule
 from ssl.pretrain import CONFIG_DIR, build_module
 
 
+def dataset_size(cfg: DictConfig) -> int:
+    """`bench.num_samples`, else the configured dataset's size (CoKe's label memory), else ImageNet's."""
+    if cfg.bench.get("num_samples"):
+        return int(cfg.bench.num_samples)
+    try:
+        return len(build_dataset(cfg.dataset, "pretrain"))
+    except (FileNotFoundError, ValueError):
+        return 1_281_167
+
+
 def synthetic_batch(cfg: DictConfig, module: SSLModule, device: torch.device) -> dict[str, Any]:
     views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
     b, d = cfg.data.batch_size, cfg.dataset
@@ -83,7 +93,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def benchmark(cfg: DictConfig, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = build_module(cfg).to(device)
+    module = build_module(cfg, num_samples=dataset_size(cfg)).to(device)
     module.train()
     optimizer = module.configure_optimizers()
     module.schedules = module.build_schedules(10_000, 100)
@@ -188,7 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [a for a in args if not a.startswith("bench.")]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["logger=none", *overrides])
-    bench = OmegaConf.create({"steps": 10, "warmup": 3, "data_pipeline": True, "json": None})
+    bench = OmegaConf.create(
+        {"steps": 10, "warmup": 3, "data_pipeline": True, "json": None, "num_samples": None}
+    )
     OmegaConf.set_struct(cfg, False)
     cfg.run_dir = None
     cfg.bench = OmegaConf.merge(bench, OmegaConf.from_dotlist(bench_args))

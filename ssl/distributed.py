@@ -19,15 +19,24 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from every rank along dim 0 (ranks may hold different lengths)."""
+    return all_gather_with_offset(tensor)[0]
+
+
+def all_gather_with_offset(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`all_gather_cat`, plus where this rank's rows start in the result (ranks in order).
+
+    No gradient flows through the gather: callers use it for detached statistics and state.
+    """
     n = world_size()
     if n == 1:
-        return tensor
+        return tensor, 0
     length = torch.tensor([tensor.shape[0]], device=tensor.device)
     lengths = [torch.zeros_like(length) for _ in range(n)]
     dist.all_gather(lengths, length)
-    longest = int(max(int(x) for x in lengths))
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    sizes = [int(k) for k in lengths]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
     gathered = [torch.zeros_like(padded) for _ in range(n)]
     dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(k)] for g, k in zip(gathered, lengths)])
+    offset = sum(sizes[: dist.get_rank()])
+    return torch.cat([g[:k] for g, k in zip(gathered, sizes)]), offset

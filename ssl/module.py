@@ -21,7 +21,7 @@ from ssl.backbones.base import Backbone
 from ssl.objectives.base import IncompatibleConfigError, Objective, StepContext, TeacherSpec
 from ssl.optim.clipping import clip_gradients
 from ssl.optim.factory import build_optimizer, default_no_weight_decay, split_weight_decay
-from ssl.optim.schedules import LR_SCHEDULES, cosine_schedule, momentum_schedule
+from ssl.optim.schedules import LR_SCHEDULES, cosine_schedule, frozen_then, momentum_schedule
 from ssl.teacher import EMATeacher
 
 
@@ -106,6 +106,8 @@ class SSLModule(pl.LightningModule):
     def build_schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         """Per-step lr, weight decay and teacher momentum.
 
+        `frozen_epochs` (CoKe) keep lr at 0 first; warm-up and decay follow over the rest.
+
         lr = base lr x global batch / lr_reference_batch (256 for DINO and MAE, 512 for MFM);
         MFM's recipe also scales its min and warm-up start lr (`scale_min_lr_with_batch`).
         """
@@ -115,8 +117,11 @@ class SSLModule(pl.LightningModule):
         low_scale = scale if cfg.get("scale_min_lr_with_batch", False) else 1.0
         min_lr, warmup_start = cfg.min_lr * low_scale, cfg.get("warmup_start_lr", 0.0) * low_scale
         warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        # CoKe's bootstrap epoch(s): lr 0 while labels and centres are initialised.
+        frozen = min(int(round(cfg.get("frozen_epochs", 0) * steps_per_epoch)), total_steps)
+        lrs = lr_schedule(cfg)(lr, min_lr, total_steps - frozen, warmup, warmup_start)
         schedules = {
-            "lr": lr_schedule(cfg)(lr, min_lr, total_steps, warmup, warmup_start),
+            "lr": frozen_then(frozen, lrs),
             "weight_decay": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total_steps),
         }
         if self.teacher is not None:
@@ -169,6 +174,13 @@ class SSLModule(pl.LightningModule):
             if "momentum" in self.schedules:
                 self.log("train/teacher_momentum", self.scheduled("momentum"), batch_size=batch_size)
         return total
+
+    def on_train_epoch_end(self) -> None:
+        """Objectives' end-of-epoch updates; Lightning writes the epoch's checkpoint after this."""
+        ctx = self.context()
+        for name, objective in self.objectives.items():
+            for key, value in objective.on_train_epoch_end(ctx).items():
+                self.log(f"train/{name}/{key}", value, on_epoch=True, on_step=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip (DINO: per parameter, after AMP unscaling), then objective hooks (DINO freeze)."""

@@ -115,14 +115,31 @@ def resolve_drop_path_rate(cfg: DictConfig) -> None:
     cfg.backbone.drop_path_rate = max(rates, default=0.0) if is_vit_name(cfg.backbone.name) else None
 
 
-def build_module(cfg: DictConfig) -> SSLModule:
+def resolve_num_samples(cfg: DictConfig, num_samples: int | None) -> None:
+    """objective.<name>.num_samples=auto: the pretraining set's size (CoKe's label memory rows).
+
+    Written into the config, so the run directory and the checkpoint record it.
+    """
+    if num_samples is None:
+        return
+    for obj_cfg in cfg.objective.values():
+        if obj_cfg.get("num_samples") == "auto":
+            obj_cfg.num_samples = int(num_samples)
+
+
+def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
+    """The training module; `num_samples` (the dataset size) fills in `num_samples: auto`."""
     resolve_drop_path_rate(cfg)
+    resolve_num_samples(cfg, num_samples)
     backbone = build_backbone(cfg.backbone)
     objectives = {
         name: build_objective(name, obj_cfg, backbone)
         for name, obj_cfg in cfg.objective.items()
     }
     weights = {name: float(obj_cfg.get("weight", 1.0)) for name, obj_cfg in cfg.objective.items()}
+    if cfg.get("trainer") is not None and cfg.trainer.get("sync_batchnorm") is None:
+        # auto: the recipe's choice (CoKe converts the whole model to SyncBN); a no-op on one device.
+        cfg.trainer.sync_batchnorm = any(o.recipe_sync_batchnorm for o in objectives.values())
     return SSLModule(
         backbone, objectives, weights, cfg.optimizer, cfg.data.batch_size,
         config=OmegaConf.to_container(cfg, resolve=True),
@@ -143,7 +160,7 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     check_backbone_name(cfg.backbone.name)
     dataset = build_dataset(cfg.dataset, "pretrain")  # fails now, with advice, if data is missing
     pl.seed_everything(cfg.seed, workers=True)
-    module = build_module(cfg)
+    module = build_module(cfg, num_samples=len(dataset))
     prepare_run_dir(run_dir, cfg)
     views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
     maskers = [m for o in module.objectives.values() for m in o.batch_maskers()]

@@ -36,6 +36,37 @@ def test_merge_is_the_union_and_rejects_conflicts() -> None:
         merge_view_specs([ViewSpec()])
 
 
+def test_merge_keeps_the_crop_recipe_and_rejects_conflicts() -> None:
+    coke = ViewSpec(2, 6, crop_recipe="coke", global_crop_scale=(0.08, 1.0), local_crop_scale=(0.05, 0.6))
+    merged = merge_view_specs([coke, ViewSpec(plain_crops=1)])
+    assert (merged.crop_recipe, merged.global_crop_scale, merged.local_crop_scale) == (
+        "coke", (0.08, 1.0), (0.05, 0.6)
+    )
+    # Specs without global crops have no say; config lists compare equal to tuples.
+    merged = merge_view_specs([coke, ViewSpec(2, 0, crop_recipe="coke", global_crop_scale=[0.08, 1],
+                                              local_crop_scale=[0.05, 0.6]), ViewSpec(plain_crops=1)])
+    assert (merged.global_crops, merged.local_crops, merged.crop_recipe) == (2, 6, "coke")
+    assert merge_view_specs([ViewSpec(2, 6)]).crop_recipe == "dino"
+    with pytest.raises(IncompatibleConfigError, match="crop_recipe.*'coke'.*'dino'.*same crop recipe"):
+        merge_view_specs([ViewSpec(2, 6), coke])
+    with pytest.raises(IncompatibleConfigError, match="\\(0.08, 1.0\\).*None = the dataset's"):
+        merge_view_specs([ViewSpec(2), ViewSpec(2, global_crop_scale=(0.08, 1.0))])
+    with pytest.raises(IncompatibleConfigError, match="'swav'; valid recipes: dino, coke_single_view, coke"):
+        merge_view_specs([ViewSpec(2, crop_recipe="swav")])
+
+
+def test_coke_single_view_reaches_the_batch() -> None:
+    views = ViewSpec(global_crops=1, crop_recipe="coke_single_view", global_crop_scale=(0.08, 1.0))
+    data = PretrainDataModule(DATASET, merge_view_specs([views]), batch_size=4, num_workers=0,
+                              dataset=Gradients())
+    multicrop = data.transform().multicrop
+    assert multicrop.recipe_name == "coke_single_view"
+    assert (multicrop.global_scale, multicrop.local_scale) == ((0.08, 1.0), (0.05, 0.4))
+    batch = next(iter(data.train_dataloader()))
+    assert len(batch["views"]) == 1 and batch["views"][0].shape == (4, 3, 16, 16)
+    assert "plain_views" not in batch
+
+
 def test_plain_crops_and_masks_reach_the_batch() -> None:
     masker = RandomTokenMasker(16, 0.75, prefix="mae")
     data = PretrainDataModule(DATASET, ViewSpec(plain_crops=1), batch_size=4, num_workers=0,

@@ -169,3 +169,45 @@ def test_data2vec_run_keeps_an_eval_mode_teacher(tmp_path: Path) -> None:
         assert name in header, name
     assert not (run_dir / "reconstructions").exists()
     assert "drop_path_rate: 0.25" in (run_dir / "config.yaml").read_text()
+
+
+def test_coke_run_keeps_its_clustering_state_in_the_checkpoint(tmp_path: Path) -> None:
+    """Two short epochs: the bootstrap epoch at lr 0, then training; the state lands in the checkpoint."""
+    run_dir = tmp_path / "coke"
+    extra = ["trainer.max_epochs=2", "objective.coke.num_clusters=[8,12]", "knn.every_n_epochs=2"]
+    out = run(["ssl.pretrain", "objective=coke", "backbone=resnet18", *MASKED_TINY, *extra,
+               f"hydra.run.dir={run_dir}"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    assert ckpt["global_step"] == 6
+    labels = state["objectives.coke.clusterings.1.labels"]
+    assert labels.shape == (60_000, 1) and labels.dtype == torch.int16
+    assert 90 <= int((labels >= 0).sum()) <= 6 * 16  # every image the two epochs saw has a label
+    assert state["objectives.coke.clusterings.0.pre_centers"].shape == (8, 128)
+    assert "num_samples: 60000" in (run_dir / "config.yaml").read_text()
+    lines = (run_dir / "logs" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    for name in ("train/coke/loss", "train/coke/target_accuracy", "train/coke/head0_min_cluster_size"):
+        assert name in header, name
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
+    assert lrs[:3] == [0.0, 0.0, 0.0] and lrs[3] > 0  # epoch 0 only bootstraps labels and centres
+    assert "top-1" in out.stdout
+    assert "sync_batchnorm: true" in (run_dir / "config.yaml").read_text()  # CoKe's recipe; no-op on 1 CPU
+
+    # Resume for a third epoch: the label memory and centres come back from the checkpoint.
+    resumed_dir = tmp_path / "coke_resumed"
+    out = run(["ssl.pretrain", "objective=coke", "backbone=resnet18", *MASKED_TINY, *extra,
+               "trainer.max_epochs=3", f"resume={run_dir / 'checkpoints' / 'last.ckpt'}",
+               f"hydra.run.dir={resumed_dir}"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    after = torch.load(resumed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert after["global_step"] == 9
+    new_labels = after["state_dict"]["objectives.coke.clusterings.1.labels"]
+    kept = labels >= 0
+    # A fresh start would label only the third epoch's 48 images; the resumed run keeps all 96 rows.
+    assert int((new_labels[kept] >= 0).sum()) == int(kept.sum())
+    assert int((new_labels >= 0).sum()) >= int(kept.sum())
+    before = state["objectives.coke.clusterings.0.cur_centers"]
+    assert not torch.equal(after["state_dict"]["objectives.coke.clusterings.0.cur_centers"], before)

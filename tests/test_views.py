@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from ssl.data.views import (
+    CROP_RECIPES,
+    CropRecipe,
     MultiCropTransform,
     RandomGaussianBlur,
     RandomSolarize,
@@ -54,6 +57,7 @@ def test_crop_count_and_shapes(
 
 
 def test_crops_are_normalised() -> None:
+    torch.manual_seed(0)  # a dark random crop exists for any seed's image, but not in every draw
     transform = MultiCropTransform(2, 6, 28, 12, mean=MEAN, std=STD)
     lo, hi = (0 - MEAN[0]) / STD[0], (1 - MEAN[0]) / STD[0]
     for crop in transform(random_image()):
@@ -91,6 +95,135 @@ def test_dino_recipe_per_crop() -> None:
     assert isinstance(crop, T.RandomResizedCrop)
     assert crop.interpolation == T.InterpolationMode.BICUBIC and crop.scale == (0.4, 1.0)
     assert transform.local.transforms[0].scale == (0.05, 0.4)
+
+
+def describe(pipeline: T.Compose) -> dict[str, Any]:
+    """The augmentation settings of one built crop pipeline, read back from its transforms."""
+    out: dict[str, Any] = {"blur": None, "solarize": None}
+    for t in pipeline.transforms:
+        if isinstance(t, T.RandomResizedCrop):
+            out["scale"] = tuple(t.scale)
+        elif isinstance(t, T.RandomApply):
+            (jitter,) = t.transforms
+            assert isinstance(jitter, T.ColorJitter)
+            ranges = (jitter.brightness, jitter.contrast, jitter.saturation)
+            bcs = [0.0 if r is None else r[1] - 1 for r in ranges]
+            out["jitter"] = pytest.approx((*bcs, 0.0 if jitter.hue is None else jitter.hue[1]))
+            out["jitter_p"] = t.p
+        elif isinstance(t, T.RandomGrayscale):
+            out["gray"] = t.p
+        elif isinstance(t, RandomGaussianBlur):
+            out["blur"] = t.p
+        elif isinstance(t, RandomSolarize):
+            out["solarize"] = t.p
+    return out
+
+
+def expected(
+    scale: tuple[float, float], jitter: tuple[float, ...], blur: float, solarize: float | None = None
+) -> dict[str, Any]:
+    """Every recipe jitters with p=0.8 and grays with p=0.2; solarize None = not in the pipeline."""
+    return dict(scale=scale, jitter=jitter, jitter_p=0.8, gray=0.2, blur=blur, solarize=solarize)
+
+
+WEAK, STRONG = (0.4, 0.4, 0.2, 0.1), (0.8, 0.8, 0.8, 0.2)
+
+
+@pytest.mark.parametrize(
+    "recipe, global_scale, local_scale, first, other, local",
+    [
+        (  # DINO, the dataset's scales
+            "dino", None, None,
+            expected((0.4, 1.0), WEAK, 1.0),
+            expected((0.4, 1.0), WEAK, 0.1, 0.2),
+            expected((0.05, 0.4), WEAK, 0.5),
+        ),
+        (  # CoKe single view (a second global, if asked for, is alike)
+            "coke_single_view", (0.08, 1.0), None,
+            expected((0.08, 1.0), STRONG, 0.5),
+            expected((0.08, 1.0), STRONG, 0.5),
+            expected((0.05, 0.4), STRONG, 0.5),
+        ),
+        (  # CoKe two / multi view: BYOL's asymmetric pair + strongly jittered small crops
+            "coke", (0.08, 1.0), (0.05, 0.6),
+            expected((0.08, 1.0), WEAK, 1.0),
+            expected((0.08, 1.0), WEAK, 0.1, 0.2),
+            expected((0.05, 0.6), STRONG, 0.5),
+        ),
+    ],
+)
+def test_recipes_build_the_stated_pipelines(
+    recipe: str,
+    global_scale: tuple[float, float] | None,
+    local_scale: tuple[float, float] | None,
+    first: dict[str, Any],
+    other: dict[str, Any],
+    local: dict[str, Any],
+) -> None:
+    cfg = OmegaConf.load(REPO / "conf" / "dataset" / "fashion_mnist.yaml")
+    transform = MultiCropTransform.from_config(cfg, 2, 4, recipe, global_scale, local_scale)
+    assert describe(transform.global_first) == first
+    assert describe(transform.global_other) == other
+    assert describe(transform.local) == local
+    assert transform.recipe is CROP_RECIPES[recipe] and f"recipe={recipe!r}" in repr(transform)
+    crops = transform(random_image())
+    assert [c.shape[-1] for c in crops] == [28, 28, 12, 12, 12, 12]
+
+
+def test_dino_default_matches_the_reference_pipeline() -> None:
+    """The default recipe draws exactly the crops of DINO's hand-written pipeline, seed for seed."""
+    to_tensor = ToNormalizedTensor(MEAN, STD)
+
+    def reference(size: int, scale: tuple[float, float], tail: list[Any]) -> T.Compose:
+        return T.Compose([
+            T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            *tail,
+            to_tensor,
+        ])
+
+    g, lo = blur_radius_range(28), blur_radius_range(12)
+    references = [
+        reference(28, (0.4, 1.0), [RandomGaussianBlur(1.0, *g)]),
+        reference(28, (0.4, 1.0), [RandomGaussianBlur(0.1, *g), RandomSolarize(0.2)]),
+        reference(12, (0.05, 0.4), [RandomGaussianBlur(0.5, *lo)]),
+    ]
+    default = MultiCropTransform(2, 2, 28, 12, mean=MEAN, std=STD)
+    named = MultiCropTransform(2, 2, 28, 12, mean=MEAN, std=STD, recipe=CROP_RECIPES["dino"])
+    assert default.recipe_name == named.recipe_name == "dino"
+    image = random_image(40, 40)
+    for built, ref in zip((default.global_first, default.global_other, default.local), references):
+        for seed in range(20):
+            torch.manual_seed(seed)
+            a = built(image)
+            torch.manual_seed(seed)
+            assert torch.equal(a, ref(image))
+    torch.manual_seed(7)
+    a = default(image)
+    torch.manual_seed(7)
+    assert all(torch.equal(x, y) for x, y in zip(a, named(image)))
+
+
+def test_unknown_and_custom_recipes() -> None:
+    with pytest.raises(ValueError, match="unknown crop recipe 'swav'.*dino, coke_single_view, coke"):
+        MultiCropTransform(recipe="swav")
+    custom = CropRecipe((0.1, 0.1, 0.1, 0.0), 0.0, 0.0, 0.0, (0.2, 0.2, 0.2, 0.0), 0.0)
+    transform = MultiCropTransform(2, 1, 28, 12, recipe=custom)
+    assert "recipe='custom'" in repr(transform)
+    assert describe(transform.global_other)["blur"] is None and describe(transform.local)["solarize"] is None
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        CropRecipe(WEAK, 1.5, 0.1, 0.2, WEAK, 0.5)
+
+
+def test_from_config_scale_overrides() -> None:
+    cfg = OmegaConf.load(REPO / "conf" / "dataset" / "fashion_mnist.yaml")
+    kept = MultiCropTransform.from_config(cfg, 2, 2)
+    assert (kept.global_scale, kept.local_scale) == ((0.4, 1.0), (0.05, 0.4))
+    assert kept.recipe_name == "dino"
+    only_local = MultiCropTransform.from_config(cfg, 2, 2, local_scale=[0.05, 0.6])
+    assert (only_local.global_scale, only_local.local_scale) == ((0.4, 1.0), (0.05, 0.6))
 
 
 def test_blur_radius_scales_with_crop_size() -> None:

@@ -10,7 +10,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ssl.data.datasets import build_dataset
-from ssl.data.views import MultiCropTransform, PlainCropTransform, PretrainViews, eval_transform
+from ssl.data.views import (
+    CROP_RECIPES,
+    MultiCropTransform,
+    PlainCropTransform,
+    PretrainViews,
+    eval_transform,
+)
 from ssl.objectives.base import BatchMasker, IncompatibleConfigError, ViewSpec
 
 
@@ -37,8 +43,16 @@ class TransformedDataset(Dataset):
         return {**sample, "label": label, "index": index}
 
 
+def _scale(scale: Sequence[float] | None) -> tuple[float, float] | None:
+    """A crop scale as a hashable float pair (configs hand over lists), None kept."""
+    return None if scale is None else (float(scale[0]), float(scale[1]))
+
+
 def merge_view_specs(specs: list[ViewSpec]) -> ViewSpec:
-    """The union of what several objectives need: the most crops of each kind any asks for."""
+    """The union of what several objectives need: the most crops of each kind any asks for.
+
+    Crops of one kind come from one pipeline, so the objectives sharing it must agree on its recipe.
+    """
     recipes = {(s.plain_crop_scale, s.plain_color_jitter) for s in specs if s.plain_crops}
     if len(recipes) > 1:
         raise IncompatibleConfigError(
@@ -46,12 +60,35 @@ def merge_view_specs(specs: list[ViewSpec]) -> ViewSpec:
             "set the same objective.<name>.crop_scale (and color_jitter) for all of them."
         )
     scale, jitter = recipes.pop() if recipes else (ViewSpec().plain_crop_scale, 0.0)
+    multicrop = {
+        (s.crop_recipe, _scale(s.global_crop_scale), _scale(s.local_crop_scale))
+        for s in specs
+        if s.global_crops
+    }
+    if len(multicrop) > 1:
+        listed = ", ".join(sorted(map(str, multicrop)))
+        raise IncompatibleConfigError(
+            "objectives ask for multi-crop views with different (crop_recipe, global_crop_scale, "
+            f"local_crop_scale) {listed} (None = the dataset's scale): they share one pipeline, so set "
+            "the same crop recipe and crop scales for all of them, or train them separately."
+        )
+    d = ViewSpec()
+    recipe, global_scale, local_scale = (
+        multicrop.pop() if multicrop else (d.crop_recipe, d.global_crop_scale, d.local_crop_scale)
+    )
+    if recipe not in CROP_RECIPES:
+        raise IncompatibleConfigError(
+            f"unknown crop recipe {recipe!r}; valid recipes: {', '.join(CROP_RECIPES)}."
+        )
     merged = ViewSpec(
         global_crops=max((s.global_crops for s in specs), default=0),
         local_crops=max((s.local_crops for s in specs), default=0),
         plain_crops=max((s.plain_crops for s in specs), default=0),
         plain_crop_scale=scale,
         plain_color_jitter=jitter,
+        crop_recipe=recipe,
+        global_crop_scale=global_scale,
+        local_crop_scale=local_scale,
     )
     if merged.local_crops and not merged.global_crops:
         raise IncompatibleConfigError("local crops need at least one global crop (global_crops >= 1).")
@@ -107,7 +144,10 @@ class PretrainDataModule(pl.LightningDataModule):
         cfg, views = self.dataset_cfg, self.views
         multicrop = None
         if views.global_crops:
-            multicrop = MultiCropTransform.from_config(cfg, views.global_crops, views.local_crops)
+            multicrop = MultiCropTransform.from_config(
+                cfg, views.global_crops, views.local_crops, recipe=views.crop_recipe,
+                global_scale=views.global_crop_scale, local_scale=views.local_crop_scale,
+            )
         plain = None
         if views.plain_crops:
             plain = PlainCropTransform(

@@ -1,4 +1,4 @@
-"""Augmented views: DINO-style multi-crop for pretraining and a clean transform for evaluation.
+"""Augmented views: multi-crop for pretraining (DINO's or CoKe's recipe) and a clean evaluation transform.
 
 All randomness comes from torch's generator, so `torch.manual_seed` (and the per-worker seeds a
 DataLoader sets) make the crops reproducible.
@@ -7,6 +7,7 @@ DataLoader sets) make the crops reproducible.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -93,14 +94,65 @@ def blur_radius_range(size: int) -> tuple[float, float]:
     return BLUR_RADIUS_224[0] * factor, BLUR_RADIUS_224[1] * factor
 
 
+Jitter = tuple[float, float, float, float]
+DINO_JITTER: Jitter = (0.4, 0.4, 0.2, 0.1)
+STRONG_JITTER: Jitter = (0.8, 0.8, 0.8, 0.2)
+
+
+@dataclass(frozen=True)
+class CropRecipe:
+    """The photometric half of a multi-crop recipe, so that methods can differ without new classes.
+
+    Jitters are ColorJitter(brightness, contrast, saturation, hue), applied with p=0.8; the other
+    fields are probabilities (0 leaves the step out). Every crop also gets RandomResizedCrop, flip
+    and grayscale (p=0.2); the crop scales come from the dataset config or the objective's ViewSpec.
+    """
+
+    global_jitter: Jitter
+    first_global_blur: float
+    other_global_blur: float
+    other_global_solarize: float
+    local_jitter: Jitter
+    local_blur: float
+
+    def __post_init__(self) -> None:
+        probs = (self.first_global_blur, self.other_global_blur, self.other_global_solarize, self.local_blur)
+        if not all(0.0 <= p <= 1.0 for p in probs):
+            raise ValueError(f"recipe probabilities must lie in [0, 1], got {probs}")
+        if len(self.global_jitter) != 4 or len(self.local_jitter) != 4:
+            raise ValueError(f"jitters need 4 values, got {self.global_jitter}, {self.local_jitter}")
+
+
+CROP_RECIPES: dict[str, CropRecipe] = {
+    # DINO's DataAugmentationDINO.
+    "dino": CropRecipe(DINO_JITTER, 1.0, 0.1, 0.2, DINO_JITTER, 0.5),
+    # CoKe main_single_view.py: one crop, strong jitter, blur p=0.5, no solarize (further globals alike).
+    "coke_single_view": CropRecipe(STRONG_JITTER, 0.5, 0.5, 0.0, STRONG_JITTER, 0.5),
+    # CoKe main_double_view.py / main_multi_view.py: BYOL's asymmetric pair + strongly jittered small crops.
+    "coke": CropRecipe(DINO_JITTER, 1.0, 0.1, 0.2, STRONG_JITTER, 0.5),
+}
+
+
+def _resolve_recipe(recipe: CropRecipe | str) -> tuple[str, CropRecipe]:
+    """(name, recipe) for a registered name or a CropRecipe ("custom" when it is not registered)."""
+    if isinstance(recipe, CropRecipe):
+        name = next((k for k, v in CROP_RECIPES.items() if v == recipe), "custom")
+        return name, recipe
+    if recipe not in CROP_RECIPES:
+        raise ValueError(f"unknown crop recipe {recipe!r}; valid recipes: {', '.join(CROP_RECIPES)}")
+    return recipe, CROP_RECIPES[recipe]
+
+
 class MultiCropTransform:
-    """DINO's multi-crop augmentation: `num_global` large and `num_local` small views.
+    """Multi-crop augmentation: `num_global` large and `num_local` small views.
 
     Returns a list of `num_global + num_local` normalised (3, H, W) float tensors, globals first.
-    Every crop: RandomResizedCrop (bicubic) -> horizontal flip (p=0.5) -> ColorJitter(0.4, 0.4,
-    0.2, 0.1) with p=0.8 -> grayscale (p=0.2). Then global crop 1: Gaussian blur (p=1.0); global
-    crops 2, 3, ...: blur (p=0.1) and solarization (p=0.2, threshold 128); local crops: blur
-    (p=0.5). This is the recipe of DINO's `DataAugmentationDINO`.
+    Every crop: RandomResizedCrop (bicubic) -> horizontal flip (p=0.5) -> ColorJitter with p=0.8
+    -> grayscale (p=0.2), then the blur / solarization of its kind (first global, other globals,
+    locals). `recipe` (a CROP_RECIPES name or a CropRecipe) sets the jitter and probabilities.
+    The default "dino" is DINO's `DataAugmentationDINO`: ColorJitter(0.4, 0.4, 0.2, 0.1) on every
+    crop; global crop 1: Gaussian blur (p=1.0); global crops 2, 3, ...: blur (p=0.1) and
+    solarization (p=0.2, threshold 128); local crops: blur (p=0.5).
 
     The blur radius is U(0.1, 2.0) at 224 px and is scaled linearly with the crop size (so
     U(0.0125, 0.25) at 28 px): the same relative blur at every resolution, where DINO's absolute
@@ -117,9 +169,11 @@ class MultiCropTransform:
         local_scale: Sequence[float] = (0.05, 0.4),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        recipe: CropRecipe | str = "dino",
     ) -> None:
         if num_global < 1 or num_local < 0:
             raise ValueError(f"need num_global >= 1 and num_local >= 0, got {num_global}, {num_local}")
+        self.recipe_name, self.recipe = _resolve_recipe(recipe)
         self.num_global = int(num_global)
         self.num_local = int(num_local)
         self.global_size = int(global_size)
@@ -127,41 +181,59 @@ class MultiCropTransform:
         self.global_scale = (float(global_scale[0]), float(global_scale[1]))
         self.local_scale = (float(local_scale[0]), float(local_scale[1]))
         to_tensor = ToNormalizedTensor(mean, std)
+        r = self.recipe
 
-        def pipeline(size: int, scale: tuple[float, float], tail: list[Any]) -> T.Compose:
+        def pipeline(
+            size: int, scale: tuple[float, float], jitter: Jitter, blur: float, solarize: float = 0.0
+        ) -> T.Compose:
+            tail: list[Any] = []
+            if blur > 0.0:
+                tail.append(RandomGaussianBlur(blur, *blur_radius_range(size)))
+            if solarize > 0.0:
+                tail.append(RandomSolarize(solarize, threshold=128))
             return T.Compose(
                 [
                     T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
                     T.RandomHorizontalFlip(p=0.5),
-                    T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                    T.RandomApply([T.ColorJitter(*jitter)], p=0.8),
                     T.RandomGrayscale(p=0.2),
                     *tail,
                     to_tensor,
                 ]
             )
 
-        g_blur = blur_radius_range(self.global_size)
-        l_blur = blur_radius_range(self.local_size)
-        self.global_first = pipeline(self.global_size, self.global_scale, [RandomGaussianBlur(1.0, *g_blur)])
+        size, scale = self.global_size, self.global_scale
+        self.global_first = pipeline(size, scale, r.global_jitter, r.first_global_blur)
         self.global_other = pipeline(
-            self.global_size,
-            self.global_scale,
-            [RandomGaussianBlur(0.1, *g_blur), RandomSolarize(0.2, threshold=128)],
+            size, scale, r.global_jitter, r.other_global_blur, r.other_global_solarize
         )
-        self.local = pipeline(self.local_size, self.local_scale, [RandomGaussianBlur(0.5, *l_blur)])
+        self.local = pipeline(self.local_size, self.local_scale, r.local_jitter, r.local_blur)
 
     @classmethod
-    def from_config(cls, cfg: Any, num_global: int = 2, num_local: int = 8) -> MultiCropTransform:
-        """Build from a `dataset` config node (image_size, local_crop_size, *_crop_scale, mean, std)."""
+    def from_config(
+        cls,
+        cfg: Any,
+        num_global: int = 2,
+        num_local: int = 8,
+        recipe: CropRecipe | str = "dino",
+        global_scale: Sequence[float] | None = None,
+        local_scale: Sequence[float] | None = None,
+    ) -> MultiCropTransform:
+        """Build from a `dataset` config node (image_size, local_crop_size, *_crop_scale, mean, std).
+
+        `global_scale` / `local_scale` override the dataset's crop scales (None keeps them), for
+        methods whose recipe fixes its own (CoKe: 0.08-1 and 0.05-0.6).
+        """
         return cls(
             num_global=num_global,
             num_local=num_local,
             global_size=cfg.image_size,
             local_size=cfg.local_crop_size,
-            global_scale=tuple(cfg.global_crop_scale),
-            local_scale=tuple(cfg.local_crop_scale),
+            global_scale=tuple(cfg.global_crop_scale if global_scale is None else global_scale),
+            local_scale=tuple(cfg.local_crop_scale if local_scale is None else local_scale),
             mean=tuple(cfg.mean),
             std=tuple(cfg.std),
+            recipe=recipe,
         )
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
@@ -172,8 +244,8 @@ class MultiCropTransform:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(num_global={self.num_global}, num_local={self.num_local}, "
-            f"global_size={self.global_size}, local_size={self.local_size}, "
+            f"{type(self).__name__}(recipe={self.recipe_name!r}, num_global={self.num_global}, "
+            f"num_local={self.num_local}, global_size={self.global_size}, local_size={self.local_size}, "
             f"global_scale={self.global_scale}, local_scale={self.local_scale})"
         )
 

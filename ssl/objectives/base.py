@@ -27,7 +27,11 @@ class IncompatibleConfigError(ValueError):
 class ViewSpec:
     """Crops the data module must produce for an objective (sizes come from the dataset).
 
-    global_crops / local_crops: DINO's multi-crop views, in `batch["views"]` (globals first).
+    global_crops / local_crops: multi-crop views, in `batch["views"]` (globals first), augmented
+    per `crop_recipe` (a name in ssl.data.views.CROP_RECIPES: "dino", "coke", "coke_single_view").
+    global_crop_scale / local_crop_scale: their RandomResizedCrop scales, for methods whose recipe
+    fixes them (CoKe: 0.08-1); None takes the dataset's. All objectives that ask for global crops
+    share one multi-crop pipeline, so they must agree on these three fields.
     plain_crops: RandomResizedCrop(scale=plain_crop_scale) + flip, the masked-image-modeling
     recipe (MAE, MFM), at the dataset's image size, in `batch["plain_views"]`; data2vec 1.0 adds
     ColorJitter(j, j, j) first (`plain_color_jitter`, 0 = none).
@@ -38,6 +42,9 @@ class ViewSpec:
     plain_crops: int = 0
     plain_crop_scale: tuple[float, float] = (0.2, 1.0)
     plain_color_jitter: float = 0.0
+    crop_recipe: str = "dino"
+    global_crop_scale: tuple[float, float] | None = None
+    local_crop_scale: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,9 @@ class Objective(nn.Module):
     needs_teacher: bool = False
     # Stochastic depth of the official recipe, used when backbone.drop_path_rate=auto (ViTs).
     recipe_drop_path_rate: float = 0.0
+    # Whether the official recipe converts BatchNorm to SyncBatchNorm across GPUs
+    # (used when trainer.sync_batchnorm is null).
+    recipe_sync_batchnorm: bool = False
 
     def view_spec(self) -> ViewSpec:
         return ViewSpec()
@@ -140,6 +150,14 @@ class Objective(nn.Module):
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
         """Called after backward and gradient clipping, before the optimizer step."""
+
+    def on_train_epoch_end(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """End-of-epoch state changes (CoKe: the epoch's centres become the classifier).
+
+        Runs on every rank, after the epoch's last step and before its checkpoint is written.
+        Returns metrics to log under the objective's name.
+        """
+        return {}
 
     def loss(
         self,

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-OPTIMIZERS = ("adamw", "sgd")
+from ssl.optim.lars import LARS
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 def default_no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -39,7 +41,10 @@ def split_weight_decay(
 
 
 def build_optimizer(groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
-    """AdamW (ViT recipes) or SGD with momentum (convnet recipes); lr is set per step later."""
+    """AdamW (ViT recipes), SGD with momentum (convnet recipes) or LARS (CoKe's large batches).
+
+    lr and weight decay start at 0: the training module writes them into the groups every step.
+    """
     name = cfg.name
     if name == "adamw":
         # The fused kernel (CPU and CUDA) updates every tensor in one pass: less overhead per step.
@@ -50,4 +55,15 @@ def build_optimizer(groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
         )
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=0.0)
+    if name == "lars":
+        # The group exempt from weight decay (biases, 1-D tensors) also skips the trust ratio,
+        # as CoKe's LARS does for every tensor with ndim <= 1.
+        lars_groups = [{**g, "lars_exclude": not g.get("apply_weight_decay", True)} for g in groups]
+        return LARS(
+            lars_groups,
+            lr=0.0,
+            momentum=cfg.momentum,
+            weight_decay=0.0,
+            trust_coefficient=cfg.get("trust_coefficient", 0.001),
+        )
     raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")

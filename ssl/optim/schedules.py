@@ -69,7 +69,41 @@ def momentum_schedule(
     raise ValueError(f"unknown teacher momentum schedule '{kind}'; valid: cosine, constant, linear")
 
 
-LR_SCHEDULES = {"cosine": cosine_schedule, "timm_cosine": timm_cosine_schedule}
+def ramp_cosine_schedule(
+    base: float,
+    final: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_start: float = 0.0,
+) -> np.ndarray:
+    """CoKe's `adjust_learning_rate` after its bootstrap epoch: linear ramp, then half-cosine.
+
+    Ramp: base * max(1, t) / W for t < W, so steps 0 and 1 share the smallest lr and the ramp
+    never reaches 0 or base (its last value is base (W - 1) / W); `warmup_start` is accepted for
+    the common signature and ignored. Then final + (base - final)(1 + cos(pi (t - W) / (T - W))) / 2,
+    which starts at exactly `base` on step W.
+    """
+    total_steps = max(int(total_steps), 0)
+    warmup_steps = min(max(int(warmup_steps), 0), total_steps)
+    t = np.arange(total_steps, dtype=np.float64)
+    span = max(total_steps - warmup_steps, 1)
+    lr = final + 0.5 * (base - final) * (1 + np.cos(np.pi * (t - warmup_steps) / span))
+    if warmup_steps:
+        lr[:warmup_steps] = base * np.maximum(1.0, t[:warmup_steps]) / warmup_steps
+    return lr
+
+
+def frozen_then(frozen_steps: int, rest: np.ndarray) -> np.ndarray:
+    """`frozen_steps` zeros, then `rest`: CoKe's first epoch (lr 0) only bootstraps labels and centres."""
+    rest = np.asarray(rest, dtype=np.float64)
+    return np.concatenate([np.zeros(max(int(frozen_steps), 0)), rest])
+
+
+LR_SCHEDULES = {
+    "cosine": cosine_schedule,
+    "timm_cosine": timm_cosine_schedule,
+    "ramp_cosine": ramp_cosine_schedule,
+}
 
 
 def warmup_constant_schedule(start: float, end: float, warmup: int, total: int) -> np.ndarray:
