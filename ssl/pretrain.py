@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssl.backbones.factory import build_backbone, check_backbone_name, is_vit_name
+from ssl.callbacks.attention_maps import AttentionMaps
 from ssl.callbacks.online_knn import OnlineKNN
 from ssl.callbacks.reconstructions import ReconstructionGrid, can_reconstruct
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
@@ -25,6 +26,7 @@ from ssl.data.datasets import build_dataset
 from ssl.export import export_backbone
 from ssl.module import SSLModule
 from ssl.objectives import OBJECTIVES, build_objective
+from ssl.visualize.attention import has_cls_attention
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -181,6 +183,11 @@ def prepare(cfg: DictConfig) -> PreparedRun:
             dataset, cfg.dataset, run_dir / "reconstructions", cfg.reconstructions.every_n_epochs,
             cfg.reconstructions.num_images,
         ))
+    if cfg.attention_maps.enabled and has_cls_attention(module.eval_backbone()):
+        callbacks.append(AttentionMaps(
+            dataset, cfg.dataset, run_dir / "attention", cfg.attention_maps.every_n_epochs,
+            cfg.attention_maps.num_images, cfg.attention_maps.keep,
+        ))
     trainer = build_trainer(cfg, run_dir, callbacks)
     return PreparedRun(module, data, trainer, knn)
 
@@ -193,7 +200,8 @@ def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     if cfg.export.enabled and trainer.is_global_zero:
         which = cfg.export.which
-        path = export_backbone(module.eval_backbone(which), run_dir / "backbone", source=which)
+        source = "teacher" if which == "teacher" and module.teacher is not None else "student"
+        path = export_backbone(module.eval_backbone(which), run_dir / "backbone", source=source)
         result["backbone"] = str(path)
         print(f"exported backbone: {path}")
     if knn is not None and knn.last and trainer.is_global_zero:

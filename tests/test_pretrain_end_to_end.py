@@ -211,3 +211,26 @@ def test_coke_run_keeps_its_clustering_state_in_the_checkpoint(tmp_path: Path) -
     assert int((new_labels >= 0).sum()) >= int(kept.sum())
     before = state["objectives.coke.clusterings.0.cur_centers"]
     assert not torch.equal(after["state_dict"]["objectives.coke.clusterings.0.cur_centers"], before)
+
+
+def test_linear_eval_reuses_the_knn_features_and_writes_json_beside_the_checkpoint(
+    pretrained_run, tmp_path: Path
+) -> None:
+    run_dir, _ = pretrained_run
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    common = [f"checkpoint={ckpt}", "max_train_samples=600", "max_test_samples=300", "num_workers=0",
+              f"cache_dir={tmp_path / 'cache'}"]
+    out = run(["ssl.eval.knn", *common])
+    assert out.returncode == 0, out.stderr[-3000:]
+    knn = json.loads(ckpt.with_name("last.knn.json").read_text())
+    assert [r["k"] for r in knn["grid"]] == [10, 20, 100, 200]
+    assert knn["cache"] == {"train/cls": "miss", "test/cls": "miss"} and knn["extraction_images_per_s"] > 0
+    probe = ["probe.epochs=2", "probe.lrs=[0.01,0.1]", "probe.weight_decays=[0]"]
+    out = run(["ssl.eval.linear", *common, *probe])
+    assert out.returncode == 0, out.stderr[-3000:]
+    linear = json.loads(ckpt.with_name("last.linear.json").read_text())
+    assert linear["cache"]["train/cls"] == "hit" and linear["cache"]["test/cls"] == "hit"
+    assert linear["cache"]["train/last4"] == "miss"
+    assert set(linear["variants"]) == {"cls", "cls+avgpool", "last4", "last4+avgpool"}
+    assert linear["variant"] in linear["variants"] and len(linear["grid"]) == 4 * 2
+    assert "best val top-1 per feature variant" in out.stdout

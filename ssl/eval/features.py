@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
 
 from ssl.distributed import all_gather_cat
+
+
+@torch.no_grad()
+def extract_parts(
+    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    loader: Iterable,
+    device: torch.device | str = "cpu",
+    gather: bool = True,
+    progress: str | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """{part: [N, D_part]} and labels [N] for every (image, label) batch of `loader`, one pass.
+
+    Under DDP each rank sees a disjoint shard; with `gather` the shards are concatenated on every
+    rank (features and labels in the same order). `progress`: a tqdm description (shown on a TTY).
+    """
+    parts: dict[str, list[torch.Tensor]] = {}
+    labels = []
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc=progress, leave=False, disable=not sys.stderr.isatty())
+    for batch in batches:
+        images, targets = batch["image"], batch["label"]
+        for name, value in encode(images.to(device, non_blocking=True)).items():
+            parts.setdefault(name, []).append(value.float())
+        labels.append(targets.to(device))
+    out = {name: torch.cat(values) for name, values in parts.items()}
+    targets = torch.cat(labels)
+    if gather:
+        out = {name: all_gather_cat(value) for name, value in out.items()}
+        targets = all_gather_cat(targets)
+    return out, targets
 
 
 @torch.no_grad()
@@ -17,23 +51,8 @@ def extract_features(
     gather: bool = True,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N, D] and labels [N] for every (image, label) batch of `loader`.
-
-    Under DDP each rank sees a shard; with `gather` the shards are concatenated on every rank.
-    """
-    feats, labels = [], []
-    batches = loader
-    if progress:
-        import sys
-
-        from tqdm import tqdm
-
-        batches = tqdm(loader, desc="features", leave=False, disable=not sys.stderr.isatty())
-    for batch in batches:
-        images, targets = batch["image"], batch["label"]
-        feats.append(encode(images.to(device, non_blocking=True)).float())
-        labels.append(targets.to(device))
-    features, targets = torch.cat(feats), torch.cat(labels)
-    if gather:
-        features, targets = all_gather_cat(features), all_gather_cat(targets)
-    return features, targets
+    """Features [N, D] and labels [N]: `extract_parts` for a single feature vector."""
+    parts, targets = extract_parts(
+        lambda images: {"x": encode(images)}, loader, device, gather, "features" if progress else None
+    )
+    return parts["x"], targets

@@ -1,36 +1,72 @@
 """`python -m ssl.eval.knn`: weighted k-NN top-1 / top-5 of a checkpoint, export or baseline.
 
 DINO's protocol: features of clean (resized / centre-cropped) train and test images,
-L2-normalised, cosine similarity, the k nearest vote with weight exp(sim / T); k=20, T=0.07.
+L2-normalised, cosine similarity, the k nearest vote with weight exp(sim / T). A grid of k
+(10, 20, 100, 200 by default) and T is scored from one similarity pass; features are cached on
+disk and shared with the linear probe.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ssl.eval.encoder import labelled_features
-from ssl.eval.knn_classifier import knn_predict_scores, topk_accuracy
+from ssl.eval.knn_classifier import knn_grid_scores, topk_accuracy
+from ssl.eval.report import publish
 from ssl.pretrain import CONFIG_DIR
+
+
+def as_list(value: Any) -> list:
+    return list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [value]
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     feats = labelled_features(cfg, "k-NN")
     train_x, train_y, test_x, test_y = feats.train_x, feats.train_y, feats.test_x, feats.test_y
-    what, dataset_cfg = feats.evaluated, feats.dataset_cfg
-    ks = list(cfg.k) if OmegaConf.is_list(cfg.k) else [int(cfg.k)]
+    ks = [int(k) for k in as_list(cfg.k)]
+    temperatures = [float(t) for t in as_list(cfg.temperature)]
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    results = {"evaluated": what, "dataset": dataset_cfg.name, "temperature": cfg.temperature,
-               "train_size": len(train_y), "test_size": len(test_y), "k": {}}
-    for k in ks:
-        scores = knn_predict_scores(train_x, train_y, test_x, num_classes, k, cfg.temperature)
-        results["k"][k] = topk_accuracy(scores, test_y)
+    grid = knn_grid_scores(train_x, train_y, test_x, num_classes, ks, temperatures)
+    results: dict[str, Any] = {
+        "evaluated": feats.evaluated, "dataset": feats.dataset_cfg.name, "feature": feats.primary,
+        "feature_dim": train_x.shape[1], "train_size": len(train_y), "test_size": len(test_y),
+        "temperature": temperatures[0] if len(temperatures) == 1 else temperatures,
+        "k": {}, "grid": [],
+        "feature_seconds": round(feats.seconds, 2),
+        "extraction_images_per_s": feats.images_per_s, "cache": feats.cached,
+    }
+    for (k, t), scores in grid.items():
+        accuracy = topk_accuracy(scores, test_y)
+        results["grid"].append({"k": k, "temperature": t, **accuracy})
+        if t == temperatures[0]:
+            results["k"][k] = accuracy
+    best = max(results["grid"], key=lambda r: r["top1"])
+    results["best"] = best
     return results
+
+
+def summary(results: dict[str, Any]) -> str:
+    lines = [
+        f"k-NN on {results['dataset']} ({results['evaluated']}, {results['feature']} "
+        f"{results['feature_dim']}-d), cosine, {results['train_size']} train / "
+        f"{results['test_size']} test images"
+    ]
+    for r in results["grid"]:
+        lines.append(
+            f"  k={r['k']:<4d} T={r['temperature']:<5g} top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%"
+        )
+    speed = results["extraction_images_per_s"]
+    hits = sum(v == "hit" for v in results["cache"].values())
+    lines.append(
+        f"  features: {results['feature_seconds']:.1f} s"
+        + (f", {speed:.0f} images/s extracted" if speed else "")
+        + f", cache {hits}/{len(results['cache'])} hit"
+    )
+    return "\n".join(lines)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="eval/knn", version_base="1.3")
@@ -40,12 +76,10 @@ def main(cfg: DictConfig) -> None:
     except (FileNotFoundError, ValueError) as error:
         print(f"ssl.eval.knn: error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"k-NN on {results['dataset']} ({results['evaluated']}), cosine, T={results['temperature']}, "
-          f"{results['train_size']} train / {results['test_size']} test images")
-    for k, acc in results["k"].items():
-        print(f"  k={k:<4d} top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%")
-    if cfg.output:
-        Path(cfg.output).write_text(json.dumps(results, indent=2))
+    print(summary(results))
+    path = publish(cfg, results, "knn")
+    if path is not None:
+        print(f"  result: {path}")
 
 
 if __name__ == "__main__":

@@ -1,35 +1,50 @@
 """`python -m ssl.eval.linear`: linear-probe top-1 / top-5 of a checkpoint, export or baseline.
 
-dinov2's fast protocol: features of clean (resized / centre-cropped) train and test images are
-extracted once, then a grid of learning rates x weight decays is trained at once on them; the
-config with the best top-1 on a held-out 10% of the train split is retrained on all of it and
-scored on the test split (ssl/eval/linear_probe.py).
+Default `probe.protocol=fast`, dinov2's protocol: features of clean (resized / centre-cropped)
+train and test images are extracted once (and cached, shared with k-NN); for ViTs several
+feature variants (CLS, CLS + mean-pooled patches, the CLS tokens of the last 4 blocks, ...) and
+a grid of learning rates x weight decays are trained on them; the combination with the best
+top-1 on a held-out 10% of the train split is retrained on all of it and scored on the test
+split (ssl/eval/linear_probe.py). `probe.protocol=dino`: DINO's augmented-crop SGD protocol
+(ssl/eval/linear_dino.py).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from ssl.eval.encoder import labelled_features
-from ssl.eval.linear_probe import linear_probe
+from ssl.data.datasets import build_dataset
+from ssl.eval.encoder import eval_device, labelled_features, resolve_encoder
+from ssl.eval.feature_parts import assemble, part_encoder, parts_of, primary_part, resolve_variants
+from ssl.eval.linear_dino import dino_linear_protocol
+from ssl.eval.linear_probe import linear_probe_variants
+from ssl.eval.report import publish
 from ssl.pretrain import CONFIG_DIR
+
+PROTOCOLS = ("fast", "dino")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Extract train / test features of the configured encoder and probe them."""
-    feats = labelled_features(cfg, "a linear probe")
-    train_x, train_y, test_x, test_y = feats.train_x, feats.train_y, feats.test_x, feats.test_y
+    """Probe the configured encoder with the configured protocol."""
+    protocol = cfg.probe.get("protocol", "fast")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown probe.protocol '{protocol}'; valid: {', '.join(PROTOCOLS)}")
+    encoder_info = resolve_encoder(cfg)
+    if protocol == "dino":
+        return evaluate_dino_protocol(cfg, encoder_info)
+    encoder = encoder_info[0]
+    variants = resolve_variants(encoder, cfg.probe.get("feature_variants", "auto"))
+    parts = parts_of([primary_part(encoder), *variants])
+    feats = labelled_features(cfg, "a linear probe", parts=parts, encoder_info=encoder_info)
     start = time.perf_counter()
     probe = cfg.probe
-    result = linear_probe(
-        train_x, train_y, test_x, test_y,
+    result = linear_probe_variants(
+        {name: feats.variant(name) for name in variants}, feats.train_y, feats.test_y,
         lrs=[float(lr) for lr in probe.lrs],
         weight_decays=[float(wd) for wd in probe.weight_decays],
         epochs=probe.epochs,
@@ -42,23 +57,67 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return {
         "evaluated": feats.evaluated,
         "dataset": feats.dataset_cfg.name,
-        "feature_dim": train_x.shape[1],
+        "protocol": "fast",
+        "feature_dim": feats.variant(result.variant)[0].shape[1],
         "epochs": probe.epochs,
         **result.to_dict(),
         "feature_seconds": round(feats.seconds, 2),
+        "extraction_images_per_s": feats.images_per_s,
+        "cache": feats.cached,
         "probe_seconds": round(time.perf_counter() - start, 2),
     }
 
 
+def evaluate_dino_protocol(cfg: DictConfig, encoder_info: tuple) -> dict[str, Any]:
+    encoder, dataset_cfg, what = encoder_info
+    settings = cfg.probe.dino
+    variant = settings.get("variant", "auto")
+    if variant in (None, "auto"):
+        variant = "last4" if primary_part(encoder) == "cls" else "global"
+    variant = resolve_variants(encoder, [variant])[0]
+    device = eval_device(cfg)
+    if hasattr(encoder, "to"):
+        encoder = encoder.to(device).eval()
+    parts = part_encoder(encoder, parts_of([variant]))
+    train_data, test_data = build_dataset(dataset_cfg, "train"), build_dataset(dataset_cfg, "test")
+    for split, data in (("train", train_data), ("test", test_data)):
+        if not data.has_labels:
+            raise ValueError(
+                f"the {split} split of {dataset_cfg.name} has no labels: a linear probe needs them"
+            )
+    start = time.perf_counter()
+    result = dino_linear_protocol(
+        lambda images: assemble(parts(images), variant), train_data, test_data, dataset_cfg,
+        num_classes=int(dataset_cfg.num_classes), epochs=settings.epochs, lr=settings.lr,
+        batch_size=settings.batch_size, momentum=cfg.probe.momentum, weight_decay=settings.weight_decay,
+        num_workers=cfg.num_workers, device=device, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
+    )
+    return {"evaluated": what, "dataset": dataset_cfg.name, "variant": variant, **result,
+            "test_size": len(test_data), "probe_seconds": round(time.perf_counter() - start, 2)}
+
+
 def summary(r: dict[str, Any]) -> str:
     """What was probed, on how much data, which config won, and its test accuracy."""
+    if r["protocol"] == "dino":
+        return (
+            f"linear probe (DINO protocol: augmented crops, SGD, {r['epochs']} epochs) on {r['dataset']} "
+            f"({r['evaluated']}, {r['variant']} {r['feature_dim']}-d), {r['train_size']} train / "
+            f"{r['test_size']} test images\n  top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%"
+        )
     retrained = ", retrained on all of train" if r["retrained"] else ""
+    variants = ", ".join(f"{name} {acc:.2f}%" for name, acc in r["variants"].items())
+    speed = r["extraction_images_per_s"]
+    hits = sum(v == "hit" for v in r["cache"].values())
     return (
-        f"linear probe on {r['dataset']} ({r['evaluated']}), {r['feature_dim']}-d features, "
-        f"{r['train_size']} train ({r['val_size']} held out) / {r['test_size']} test images\n"
-        f"  chosen lr={r['lr']:g} weight_decay={r['weight_decay']:g}: val top-1 {r['val_top1']:.2f}% "
-        f"(best of {len(r['grid'])} configs, {r['epochs']} epochs{retrained})\n"
-        f"  top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%"
+        f"linear probe on {r['dataset']} ({r['evaluated']}), {r['train_size']} train "
+        f"({r['val_size']} held out) / {r['test_size']} test images\n"
+        f"  best val top-1 per feature variant: {variants}\n"
+        f"  chosen {r['variant']} ({r['feature_dim']}-d) lr={r['lr']:g} weight_decay={r['weight_decay']:g}: "
+        f"val top-1 {r['val_top1']:.2f}% (best of {len(r['grid'])} configs, "
+        f"{r['epochs']} epochs{retrained})\n"
+        f"  top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%\n"
+        f"  features: {r['feature_seconds']:.1f} s" + (f", {speed:.0f} images/s extracted" if speed else "")
+        + f", cache {hits}/{len(r['cache'])} hit; probe {r['probe_seconds']:.1f} s"
     )
 
 
@@ -70,8 +129,9 @@ def main(cfg: DictConfig) -> None:
         print(f"ssl.eval.linear: error: {error}", file=sys.stderr)
         sys.exit(2)
     print(summary(results))
-    if cfg.output:
-        Path(cfg.output).write_text(json.dumps(results, indent=2))
+    path = publish(cfg, results, "linear")
+    if path is not None:
+        print(f"  result: {path}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -142,9 +142,77 @@ class ProbeResult:
     test_size: int
     retrained: bool
     grid: list[dict[str, float]] = field(default_factory=list)
+    variant: str = "features"
+    variants: dict[str, float] = field(default_factory=dict)  # best val top-1 of each variant
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def linear_probe_variants(
+    variants: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    train_labels: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int | None = None,
+    lrs: Sequence[float] = DEFAULT_LRS,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    epochs: int = 50,
+    batch_size: int = 256,
+    val_fraction: float = 0.1,
+    momentum: float = 0.9,
+    retrain: bool = True,
+    seed: int = 0,
+) -> ProbeResult:
+    """Sweep feature variants x lrs x weight_decays on one held-out split; test the best config.
+
+    `variants` maps a name ("cls", "cls+avgpool", "last4", ...) to its (train, test) features.
+    Every variant's grid is trained at once on the same fit rows and batches; the (variant, lr,
+    weight decay) with the best validation top-1 is chosen, retrained on the whole train split
+    when `retrain`, and scored on the test split. Deterministic given `seed`.
+    """
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    grid = list(itertools.product(lrs, weight_decays))
+    grid_lrs, grid_wds = [lr for lr, _ in grid], [wd for _, wd in grid]
+    device = next(iter(variants.values()))[0].device
+    fit_rows, val_rows = split_train_val(len(train_labels), val_fraction, seed)
+    fit_rows, val_rows = fit_rows.to(device), val_rows.to(device)
+    train_kwargs = {"epochs": epochs, "batch_size": batch_size, "momentum": momentum, "seed": seed}
+    sweeps: dict[str, tuple[LinearClassifiers, torch.Tensor]] = {}
+    for name, (train_x, _) in variants.items():
+        swept = fit_linear_classifiers(
+            train_x[fit_rows], train_labels[fit_rows], num_classes, grid_lrs, grid_wds, **train_kwargs
+        )
+        sweeps[name] = (swept, top1_per_config(swept.logits(train_x[val_rows]), train_labels[val_rows]))
+    variant = max(sweeps, key=lambda n: float(sweeps[n][1].max()))  # ties: the first listed variant
+    swept, val_top1 = sweeps[variant]
+    best = int(val_top1.argmax())
+    lr, wd = grid[best]
+    train_x, test_x = variants[variant]
+    if retrain:
+        chosen = fit_linear_classifiers(train_x, train_labels, num_classes, [lr], [wd], **train_kwargs)
+        test_logits = chosen.logits(test_x)[0]
+    else:
+        test_logits = swept.logits(test_x)[best]
+    accuracy = topk_accuracy(test_logits, test_labels)
+    return ProbeResult(
+        top1=accuracy["top1"],
+        top5=accuracy["top5"],
+        lr=lr,
+        weight_decay=wd,
+        val_top1=float(val_top1[best]),
+        train_size=len(train_labels),
+        val_size=len(val_rows),
+        test_size=len(test_labels),
+        retrained=retrain,
+        grid=[
+            {"variant": name, "lr": g_lr, "weight_decay": g_wd, "val_top1": float(acc)}
+            for name, (_, accs) in sweeps.items()
+            for (g_lr, g_wd), acc in zip(grid, accs)
+        ],
+        variant=variant,
+        variants={name: float(accs.max()) for name, (_, accs) in sweeps.items()},
+    )
 
 
 def linear_probe(
@@ -168,37 +236,7 @@ def linear_probe(
     rows included) before testing; otherwise the classifier picked on validation is tested.
     Deterministic given `seed` (split, batch order, and zero init).
     """
-    if num_classes is None:
-        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    grid = list(itertools.product(lrs, weight_decays))
-    grid_lrs, grid_wds = [lr for lr, _ in grid], [wd for _, wd in grid]
-    fit_rows, val_rows = split_train_val(len(train_labels), val_fraction, seed)
-    fit_rows, val_rows = fit_rows.to(train_features.device), val_rows.to(train_features.device)
-    train_kwargs = {"epochs": epochs, "batch_size": batch_size, "momentum": momentum, "seed": seed}
-    swept = fit_linear_classifiers(
-        train_features[fit_rows], train_labels[fit_rows], num_classes, grid_lrs, grid_wds, **train_kwargs
-    )
-    val_top1 = top1_per_config(swept.logits(train_features[val_rows]), train_labels[val_rows])
-    best = int(val_top1.argmax())
-    lr, wd = grid[best]
-    if retrain:
-        chosen = fit_linear_classifiers(train_features, train_labels, num_classes, [lr], [wd], **train_kwargs)
-        test_logits = chosen.logits(test_features)[0]
-    else:
-        test_logits = swept.logits(test_features)[best]
-    accuracy = topk_accuracy(test_logits, test_labels)
-    return ProbeResult(
-        top1=accuracy["top1"],
-        top5=accuracy["top5"],
-        lr=lr,
-        weight_decay=wd,
-        val_top1=float(val_top1[best]),
-        train_size=len(train_labels),
-        val_size=len(val_rows),
-        test_size=len(test_labels),
-        retrained=retrain,
-        grid=[
-            {"lr": g_lr, "weight_decay": g_wd, "val_top1": float(acc)}
-            for (g_lr, g_wd), acc in zip(grid, val_top1)
-        ],
+    return linear_probe_variants(
+        {"features": (train_features, test_features)}, train_labels, test_labels, num_classes, lrs,
+        weight_decays, epochs, batch_size, val_fraction, momentum, retrain, seed,
     )

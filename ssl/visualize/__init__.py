@@ -1,0 +1,1 @@
+"""Pictures of what a backbone learned: attention maps, retrieval, embeddings (notebooks, callbacks)."""
