@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssl.backbones.factory import build_backbone, check_backbone_name, is_vit_name
 from ssl.callbacks.attention_maps import AttentionMaps
 from ssl.callbacks.online_knn import OnlineKNN
+from ssl.callbacks.online_linear import OnlineLinearProbe
 from ssl.callbacks.reconstructions import ReconstructionGrid, can_reconstruct
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.datasets import build_dataset
@@ -148,6 +149,22 @@ def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
     )
 
 
+def build_online_linear(cfg: DictConfig, module: SSLModule, eval_sets: tuple | None) -> OnlineLinearProbe:
+    """The optional online linear probe; it needs labels in the pretraining and test splits."""
+    eval_sets = eval_sets or OnlineKNN.labelled_eval_sets(cfg.dataset)
+    if eval_sets is None or not cfg.dataset.get("num_classes"):
+        raise ValueError(
+            f"online_linear.enabled=true needs labelled train and test splits; {cfg.dataset.name} has none. "
+            "Set online_linear.enabled=false."
+        )
+    settings = cfg.online_linear
+    return OnlineLinearProbe(
+        module.backbone.embed_dim, int(cfg.dataset.num_classes), cfg.dataset, eval_sets[1],
+        settings.every_n_epochs, settings.lr, settings.momentum, settings.max_test_samples,
+        cfg.knn.batch_size, cfg.knn.num_workers,
+    )
+
+
 @dataclass
 class PreparedRun:
     module: SSLModule
@@ -178,6 +195,8 @@ def prepare(cfg: DictConfig) -> PreparedRun:
             cfg.knn.num_workers,
         )
     callbacks: list[pl.Callback] = [knn] if knn else []
+    if cfg.online_linear.enabled:
+        callbacks.append(build_online_linear(cfg, module, eval_sets))
     if cfg.reconstructions.enabled and any(can_reconstruct(o) for o in module.objectives.values()):
         callbacks.append(ReconstructionGrid(
             dataset, cfg.dataset, run_dir / "reconstructions", cfg.reconstructions.every_n_epochs,

@@ -234,3 +234,19 @@ def test_linear_eval_reuses_the_knn_features_and_writes_json_beside_the_checkpoi
     assert set(linear["variants"]) == {"cls", "cls+avgpool", "last4", "last4+avgpool"}
     assert linear["variant"] in linear["variants"] and len(linear["grid"]) == 4 * 2
     assert "best val top-1 per feature variant" in out.stdout
+
+
+def test_online_linear_probe_is_logged(tmp_path: Path) -> None:
+    run_dir = tmp_path / "probe"
+    out = run(["ssl.pretrain", *TINY, "trainer.max_epochs=1", "online_linear.enabled=true",
+               "online_linear.max_test_samples=200", "knn.enabled=false", f"hydra.run.dir={run_dir}"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = (run_dir / "logs" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    for name in ("online_linear/train_loss", "online_linear/top1", "online_linear/top5"):
+        assert name in header, name
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    top1 = [float(r["online_linear/top1"]) for r in rows if r.get("online_linear/top1")]
+    assert len(top1) == 1 and 0.0 <= top1[0] <= 100.0
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert any("OnlineLinearProbe" in key for key in ckpt["callbacks"])
