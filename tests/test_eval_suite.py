@@ -156,3 +156,17 @@ def test_dino_protocol_runs_on_augmented_crops(tmp_path: Path) -> None:
     assert result["protocol"] == "dino" and result["variant"] == "last4"
     assert result["feature_dim"] == 2 * 192 and result["train_size"] == 256  # depth 2: both blocks' CLS
     assert 0.0 <= result["top1"] <= 100.0 and result["test_size"] == 10_000
+
+
+def test_publish_writes_json_and_an_offline_wandb_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ssl.eval.report import publish
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = OmegaConf.create({"output": str(tmp_path / "r.json"), "checkpoint": None,
+                            "wandb": {"enabled": True, "project": "t", "entity": None, "mode": "offline"}})
+    path = publish(cfg, {"top1": 81.5, "k": {"20": {"top1": 80.0}}}, "knn")
+    assert json.loads(path.read_text())["top1"] == 81.5
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1

@@ -39,15 +39,15 @@ def flat_metrics(results: Mapping[str, Any], prefix: str = "") -> dict[str, floa
 
 
 def publish(cfg: DictConfig, results: Mapping[str, Any], name: str) -> Path | None:
-    """Write the JSON (returns its path) and log to wandb when `logger=wandb`."""
+    """Write the JSON (returns its path) and log to wandb when `wandb.enabled=true`."""
     path = output_path(cfg, name)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2, default=str))
-    if cfg.get("logger") == "wandb":
+    settings = cfg.get("wandb") or {}
+    if settings.get("enabled", False):
         import wandb
 
-        settings = cfg.get("wandb") or {}
         run = wandb.init(
             project=settings.get("project", "ssl"), entity=settings.get("entity"),
             mode=settings.get("mode", "offline"), job_type=f"eval-{name}",
