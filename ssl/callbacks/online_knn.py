@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
 
+from ssl.callbacks.periodic import is_due
 from ssl.data.datamodule import clean_loader
 from ssl.data.datasets import build_dataset
 from ssl.eval.features import extract_features
@@ -52,11 +53,8 @@ class OnlineKNN(pl.Callback):
         return (train, test) if train.has_labels and test.has_labels else None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        last_epoch = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        if epoch % self.every_n_epochs and not last_epoch:
-            return
-        self.evaluate(trainer, module)
+        if is_due(trainer, self.every_n_epochs):
+            self.evaluate(trainer, module)
 
     def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, float]:
         shard = (trainer.global_rank, trainer.world_size)

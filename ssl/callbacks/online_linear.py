@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ssl.callbacks.periodic import is_due
 from ssl.data.datamodule import clean_loader
 from ssl.distributed import all_reduce_sum, world_size
 from ssl.eval.features import extract_features
@@ -93,11 +94,8 @@ class OnlineLinearProbe(pl.Callback):
             module.log_dict(metrics, batch_size=int(known.sum()))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        last_epoch = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        if epoch % self.every_n_epochs and not last_epoch:
-            return
-        self.evaluate(trainer, module)
+        if is_due(trainer, self.every_n_epochs):
+            self.evaluate(trainer, module)
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, float]:

@@ -11,13 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision.utils import make_grid
 
-from ssl.data.views import eval_transform
+from ssl.callbacks.periodic import ImageGridCallback
 from ssl.objectives.base import Objective, Reconstruction
 
 MIN_DISPLAY_SIZE = 96  # small images (28 px) are enlarged, nearest-neighbour, for viewing
@@ -40,37 +38,8 @@ def reconstruction_grid(rec: Reconstruction, mean: torch.Tensor, std: torch.Tens
     return Image.fromarray(array)
 
 
-class ReconstructionGrid(pl.Callback):
-    def __init__(
-        self,
-        dataset: Dataset,
-        dataset_cfg: Any,
-        out_dir: str | Path,
-        every_n_epochs: int = 1,
-        num_images: int = 8,
-    ) -> None:
-        self.dataset = dataset
-        self.dataset_cfg = dataset_cfg
-        self.out_dir = Path(out_dir)
-        self.every_n_epochs = max(1, int(every_n_epochs))
-        self.num_images = int(num_images)
-        self.mean = torch.tensor([float(m) for m in dataset_cfg.mean])
-        self.std = torch.tensor([float(s) for s in dataset_cfg.std])
-        self.written: list[Path] = []
-
-    def images(self) -> torch.Tensor:
-        """Evenly spaced clean images of the pretraining set (the same ones every time)."""
-        transform = eval_transform(self.dataset_cfg.image_size, self.mean.tolist(), self.std.tolist())
-        n = min(self.num_images, len(self.dataset))
-        step = len(self.dataset) / max(n, 1)
-        return torch.stack([transform(self.dataset[int(i * step)][0]) for i in range(n)])
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        last_epoch = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        if (epoch % self.every_n_epochs and not last_epoch) or not trainer.is_global_zero:
-            return
-        self.write(module, trainer.current_epoch, trainer.global_step, trainer.logger)
+class ReconstructionGrid(ImageGridCallback):
+    """Original / corrupted / reconstructed rows for every objective that can reconstruct."""
 
     def write(self, module: Any, epoch: int, step: int, logger: Any = None) -> list[Path]:
         """Save one grid per reconstructing objective; returns the PNG paths."""
@@ -84,15 +53,10 @@ class ReconstructionGrid(pl.Callback):
         try:
             for name, objective in objectives.items():
                 rec = objective.reconstruct(images, module.backbone)
-                picture = reconstruction_grid(rec, self.mean, self.std)
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                path = self.out_dir / f"{name}_epoch{epoch:03d}.png"
-                picture.save(path)
-                paths.append(path)
-                if isinstance(logger, pl.loggers.WandbLogger):
-                    caption = ["rows: original / masked input / reconstruction"]
-                    logger.log_image(f"reconstructions/{name}", [picture], step=step, caption=caption)
+                picture = reconstruction_grid(rec, torch.tensor(self.mean), torch.tensor(self.std))
+                caption = "rows: original / masked input / reconstruction"
+                paths.append(self.save(picture, f"{name}_epoch{epoch:03d}.png", f"reconstructions/{name}",
+                                       caption, step, logger))
         finally:
             module.train(was_training)
-        self.written.extend(paths)
         return paths
