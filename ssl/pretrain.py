@@ -130,6 +130,16 @@ def resolve_num_samples(cfg: DictConfig, num_samples: int | None) -> None:
             obj_cfg.num_samples = int(num_samples)
 
 
+def resolve_sync_batchnorm(trainer_cfg: DictConfig, objectives: Any) -> bool:
+    """trainer.sync_batchnorm=null: the recipe's choice (CoKe converts the model to SyncBN) on GPUs.
+
+    torch's SyncBatchNorm runs on CUDA only, so CPU runs (gloo DDP included) keep plain BatchNorm;
+    on one device the setting does nothing either way.
+    """
+    on_gpu = torch.cuda.is_available() and trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+    return on_gpu and any(o.recipe_sync_batchnorm for o in objectives)
+
+
 def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
     """The training module; `num_samples` (the dataset size) fills in `num_samples: auto`."""
     resolve_drop_path_rate(cfg)
@@ -141,8 +151,7 @@ def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
     }
     weights = {name: float(obj_cfg.get("weight", 1.0)) for name, obj_cfg in cfg.objective.items()}
     if cfg.get("trainer") is not None and cfg.trainer.get("sync_batchnorm") is None:
-        # auto: the recipe's choice (CoKe converts the whole model to SyncBN); a no-op on one device.
-        cfg.trainer.sync_batchnorm = any(o.recipe_sync_batchnorm for o in objectives.values())
+        cfg.trainer.sync_batchnorm = resolve_sync_batchnorm(cfg.trainer, objectives.values())
     return SSLModule(
         backbone, objectives, weights, cfg.optimizer, cfg.data.batch_size,
         config=OmegaConf.to_container(cfg, resolve=True),

@@ -235,3 +235,14 @@ def test_cluster_size_report() -> None:
     assert report["below_lower_bound"] == 1 and report["empty"] == 1  # cluster 3
     assert sum(report["histogram"].values()) == 4
     assert report["histogram"]["[2, 3)x avg"] == 1  # cluster 0 holds 2.4x the average
+
+
+def test_sync_batchnorm_follows_the_recipe_only_on_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssl.pretrain import resolve_sync_batchnorm
+
+    coke = CoKe(64, num_samples=100, num_clusters=[10])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_sync_batchnorm(OmegaConf.create({"accelerator": "auto"}), [coke])
+    assert not resolve_sync_batchnorm(OmegaConf.create({"accelerator": "cpu"}), [coke])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not resolve_sync_batchnorm(OmegaConf.create({"accelerator": "auto"}), [coke])

@@ -194,7 +194,7 @@ def test_coke_run_keeps_its_clustering_state_in_the_checkpoint(tmp_path: Path) -
     lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
     assert lrs[:3] == [0.0, 0.0, 0.0] and lrs[3] > 0  # epoch 0 only bootstraps labels and centres
     assert "top-1" in out.stdout
-    assert "sync_batchnorm: true" in (run_dir / "config.yaml").read_text()  # CoKe's recipe; no-op on 1 CPU
+    assert "sync_batchnorm: false" in (run_dir / "config.yaml").read_text()  # CoKe's SyncBN needs CUDA
 
     # Resume for a third epoch: the label memory and centres come back from the checkpoint.
     resumed_dir = tmp_path / "coke_resumed"
