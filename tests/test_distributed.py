@@ -61,3 +61,45 @@ def test_loss_uses_local_rows_only() -> None:
         s = torch.cat([c[3 * rank : 3 * rank + 3] for c in student.chunk(3)])
         per_rank.append(dino_loss(s, local_rows(teacher, rank), center, 3))
     assert torch.allclose(torch.stack(per_rank).mean(), full, atol=1e-6)
+
+
+class Numbered(torch.utils.data.Dataset):
+    """Image i is filled with the value i (label i % 3): features say which image they came from."""
+
+    has_labels = True
+
+    def __len__(self) -> int:
+        return 11
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return Image.new("RGB", (8, 8), (index, index, index)), index % 3
+
+
+def feature_worker(rank: int, init_file: str, results: str) -> None:
+    from omegaconf import OmegaConf
+
+    from ssl.data.datamodule import clean_loader
+    from ssl.eval.features import extract_features
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        cfg = OmegaConf.create({"image_size": 8, "mean": [0.0] * 3, "std": [1.0] * 3})
+        loader = clean_loader(Numbered(), cfg, batch_size=2, num_workers=0, shard=(rank, WORLD))
+        features, labels = extract_features(lambda x: x.mean(dim=(1, 2, 3))[:, None] * 255, loader)
+        torch.save({"features": features, "labels": labels}, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_knn_features_gathered_across_ranks_match_one_process(tmp_path: Path) -> None:
+    """Each rank extracts a disjoint shard (6 and 5 images); every rank ends with all 11, once each,
+    with features and labels still paired, as one process extracting everything."""
+    results = str(tmp_path / "features")
+    mp.spawn(feature_worker, args=(str(tmp_path / "init"), results), nprocs=WORLD, join=True)
+    outs = [torch.load(f"{results}.{rank}", weights_only=True) for rank in range(WORLD)]
+    assert torch.equal(outs[0]["features"], outs[1]["features"])
+    images = outs[0]["features"].round().long().flatten()
+    assert sorted(images.tolist()) == list(range(11))
+    assert torch.equal(outs[0]["labels"], images % 3)
