@@ -12,6 +12,7 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -220,23 +221,13 @@ def linear_probe(
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
-    num_classes: int | None = None,
-    lrs: Sequence[float] = DEFAULT_LRS,
-    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
-    epochs: int = 50,
-    batch_size: int = 256,
-    val_fraction: float = 0.1,
-    momentum: float = 0.9,
-    retrain: bool = True,
-    seed: int = 0,
+    **options: Any,
 ) -> ProbeResult:
     """Sweep lrs x weight_decays on a held-out split, then score the best config on the test split.
 
-    With `retrain` the chosen config is trained again on the whole train split (the held-out
-    rows included) before testing; otherwise the classifier picked on validation is tested.
-    Deterministic given `seed` (split, batch order, and zero init).
+    One feature matrix; `options` as for `linear_probe_variants` (lrs, weight_decays, epochs,
+    batch_size, val_fraction, momentum, retrain, seed). With `retrain` the chosen config is trained
+    again on the whole train split (the held-out rows included) before testing.
     """
-    return linear_probe_variants(
-        {"features": (train_features, test_features)}, train_labels, test_labels, num_classes, lrs,
-        weight_decays, epochs, batch_size, val_fraction, momentum, retrain, seed,
-    )
+    variants = {"features": (train_features, test_features)}
+    return linear_probe_variants(variants, train_labels, test_labels, **options)
