@@ -44,7 +44,7 @@ def test_grids_for_mae_and_mfm(tmp_path) -> None:
         picture = Image.open(path)
         # 5 columns and 3 rows of 16 px images enlarged x6 to 96 px, with 2 px padding.
         assert picture.size == (5 * 96 + 6 * 2, 3 * 96 + 4 * 2)
-        rows = torch.from_numpy(np.asarray(picture)).float()
+        rows = torch.from_numpy(np.array(picture)).float()
         first, second = rows[2:98], rows[100:196]
         assert not torch.equal(first, second)  # the masked input differs from the original
     assert module.training  # train mode restored
