@@ -189,12 +189,12 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     dataset = build_dataset(cfg.dataset, "pretrain")  # fails now, with advice, if data is missing
     pl.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, num_samples=len(dataset))
-    prepare_run_dir(run_dir, cfg)
     views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
     maskers = [m for o in module.objectives.values() for m in o.batch_maskers()]
     data = PretrainDataModule(
         cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset, maskers=maskers
     )
+    prepare_run_dir(run_dir, cfg)  # only once every check has passed: a failed start leaves no run
     knn = None
     eval_sets = OnlineKNN.labelled_eval_sets(cfg.dataset) if cfg.knn.enabled else None
     if eval_sets is not None:

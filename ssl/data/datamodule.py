@@ -97,6 +97,16 @@ def merge_view_specs(specs: list[ViewSpec]) -> ViewSpec:
     return merged
 
 
+def check_crop_sizes(views: ViewSpec, dataset_cfg: Any) -> None:
+    """Local crops are the small views: larger than the global crops is a configuration mistake."""
+    if views.local_crops and int(dataset_cfg.local_crop_size) > int(dataset_cfg.image_size):
+        raise IncompatibleConfigError(
+            f"dataset.local_crop_size={dataset_cfg.local_crop_size} is larger than the global crop size "
+            f"dataset.image_size={dataset_cfg.image_size}: local crops must be the smaller views "
+            f"(DINO uses 96 at 224); set dataset.local_crop_size <= {dataset_cfg.image_size}."
+        )
+
+
 class MaskingCollate:
     """`default_collate`, then each masker adds its per-sample masks for the whole batch.
 
@@ -132,6 +142,12 @@ class PretrainDataModule(pl.LightningDataModule):
         masks), run in the collate step.
         """
         super().__init__()
+        if int(batch_size) < 1:
+            raise IncompatibleConfigError(
+                f"data.batch_size={batch_size}: it is the batch per device and must be >= 1 "
+                "(the global batch is data.batch_size x devices x nodes x accumulate_grad_batches)."
+            )
+        check_crop_sizes(views, dataset_cfg)
         self.dataset_cfg = dataset_cfg
         self.views = views
         self.batch_size = batch_size

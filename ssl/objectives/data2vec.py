@@ -76,6 +76,11 @@ class Data2Vec(Objective):
         if image_size % patch:
             raise IncompatibleConfigError(f"patch size {patch} does not divide image size {image_size}")
         self.grid = (image_size // patch, image_size // patch)
+        if mask_fraction is not None and not 0.0 < float(mask_fraction) < 1.0:
+            raise IncompatibleConfigError(
+                f"objective.data2vec.mask_fraction must be in (0, 1), got {mask_fraction} "
+                "(null: BEiT's 120 of 196 patches)"
+            )
         self.mask_generator = BlockMaskGenerator.scaled(self.grid, mask_fraction)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.color_jitter = float(color_jitter)

@@ -23,6 +23,7 @@ from ssl.heads.pixel_shuffle import PixelShuffleHead
 from ssl.losses.mfm import FocalWeighting, mfm_loss
 from ssl.objectives.base import (
     BatchMasker,
+    IncompatibleConfigError,
     Objective,
     ObjectiveOutput,
     Reconstruction,
@@ -56,6 +57,10 @@ class MFM(Objective):
         self.radius = float(radius) if radius is not None else scaled_radius(self.image_size)
         if lowpass_prob is None:
             lowpass_prob = LOWPASS_PROB_VIT if backbone.is_vit else LOWPASS_PROB_CNN
+        if not 0.0 <= float(lowpass_prob) <= 1.0:
+            raise IncompatibleConfigError(
+                f"objective.mfm.lowpass_prob is a probability, got {lowpass_prob}: use a value in [0, 1]"
+            )
         self.lowpass_prob = float(lowpass_prob)
         self.loss_gamma = float(loss_gamma)
         self.focal = focal

@@ -1,0 +1,39 @@
+"""Bad configurations fail before training with one message that says what to change, and leave
+no run directory behind (issue 8's list; the others are tested beside their features)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FASHION_MNIST_DIR, REPO_ROOT
+
+pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs dataset-fashion-mnist")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["objective=mae", "backbone=vit_t", "objective.mae.mask_ratio=1.2"], "mask_ratio must be in (0, 1)"),
+    (["objective=data2vec", "backbone=vit_t", "objective.data2vec.mask_fraction=0"],
+     "mask_fraction must be in (0, 1)"),
+    (["objective=mfm", "backbone=resnet18", "objective.mfm.lowpass_prob=1.5"],
+     "lowpass_prob is a probability"),
+    (["objective=dino", "backbone=vit_t", "dataset.local_crop_size=32"],
+     "local_crop_size=32 is larger than the global crop size"),
+    (["objective=dino", "backbone=vit_t", "data.batch_size=0"], "data.batch_size=0"),
+    (["objective=dino", "backbone=vit_t", "dataset.patch_size=5"], "does not divide"),
+    (["objective=coke", "backbone=resnet18", "objective.coke.num_clusters=[70000]"],
+     "number of training images (60000)"),
+])
+def test_bad_config_exits_2_with_advice_and_no_run(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    command = ["ssl.pretrain", *overrides, "knn.enabled=false", f"hydra.run.dir={tmp_path}/r"]
+    out = subprocess.run(
+        [sys.executable, "-m", *command],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r" / "config.yaml").exists()
