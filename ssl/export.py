@@ -26,8 +26,8 @@ from torch import nn
 from ssl.backbones.base import Backbone
 from ssl.backbones.convnet import replace_stem_for_small_images
 from ssl.backbones.factory import build_backbone
+from ssl.data.datamodule import evenly_spaced_images
 from ssl.data.datasets import build_dataset
-from ssl.data.views import eval_transform
 
 USAGE = (
     "usage: python -m ssl.export checkpoint=<run>/checkpoints/last.ckpt "
@@ -165,14 +165,19 @@ def load_exported_backbone(path: str | Path) -> Backbone:
     return backbone
 
 
-def load_checkpoint_backbone(path: str | Path, which: str = "teacher") -> tuple[Backbone, dict[str, Any]]:
-    """Backbone (teacher's if present and asked for, else student's) from a Lightning checkpoint."""
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The resolved run config and the state dict of a checkpoint written by ssl.pretrain."""
     ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     config = (ckpt.get("hyper_parameters") or {}).get("config")
     if config is None:
         raise ValueError(f"{path} has no `config` hyper-parameter: it was not written by ssl.pretrain")
+    return config, ckpt["state_dict"]
+
+
+def load_checkpoint_backbone(path: str | Path, which: str = "teacher") -> tuple[Backbone, dict[str, Any]]:
+    """Backbone (teacher's if present and asked for, else student's) from a Lightning checkpoint."""
+    config, state = read_checkpoint(path)
     backbone = build_backbone(OmegaConf.create(config["backbone"]))
-    state = ckpt["state_dict"]
     prefixes = ["teacher.module.backbone.", "backbone."] if which == "teacher" else ["backbone."]
     for prefix in prefixes:
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -195,10 +200,8 @@ def sample_images(config: dict[str, Any], num_images: int = 16) -> tuple[torch.T
         data = build_dataset(dataset_cfg, "test")
         if len(data) == 0:
             raise ValueError("the test split is empty")
-        transform = eval_transform(size, tuple(dataset_cfg.mean), tuple(dataset_cfg.std))
-        count = min(num_images, len(data))
-        images = torch.stack([transform(data[i * len(data) // count][0]) for i in range(count)])
-        return images, f"{count} clean test images of {dataset_cfg.name}"
+        images, _ = evenly_spaced_images(data, dataset_cfg, num_images, image_size=size)
+        return images, f"{len(images)} clean test images of {dataset_cfg.name}"
     except (OSError, ValueError, KeyError, AttributeError) as error:
         generator = torch.Generator().manual_seed(0)
         images = torch.randn(num_images, 3, size, size, generator=generator)

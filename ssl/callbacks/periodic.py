@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssl.data.views import eval_transform
+from ssl.data.datamodule import evenly_spaced_images
 
 
 def is_due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
@@ -46,10 +46,7 @@ class ImageGridCallback(pl.Callback):
 
     def images(self) -> torch.Tensor:
         """Evenly spaced clean images of the pretraining set (the same ones every time)."""
-        transform = eval_transform(self.dataset_cfg.image_size, self.mean, self.std)
-        n = min(self.num_images, len(self.dataset))
-        step = len(self.dataset) / max(n, 1)
-        return torch.stack([transform(self.dataset[int(i * step)][0]) for i in range(n)])
+        return evenly_spaced_images(self.dataset, self.dataset_cfg, self.num_images)[0]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if is_due(trainer, self.every_n_epochs) and trainer.is_global_zero:

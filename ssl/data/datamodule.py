@@ -192,6 +192,21 @@ class PretrainDataModule(pl.LightningDataModule):
         )
 
 
+def evenly_spaced_images(
+    dataset: Dataset, dataset_cfg: Any, count: int, image_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` evenly spaced clean (normalised) images of a raw dataset and their labels.
+
+    The same images every call, so pictures of different epochs or runs are comparable.
+    """
+    size = int(image_size or dataset_cfg.image_size)
+    transform = eval_transform(size, tuple(dataset_cfg.mean), tuple(dataset_cfg.std))
+    count = min(int(count), len(dataset))
+    samples = [dataset[i * len(dataset) // count] for i in range(count)]
+    images = torch.stack([transform(image) for image, _ in samples])
+    return images, torch.tensor([int(label) for _, label in samples])
+
+
 def clean_loader(
     dataset: Dataset,
     dataset_cfg: Any,

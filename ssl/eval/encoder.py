@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -101,6 +102,15 @@ def eval_device(cfg: DictConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+def labelled_splits(dataset_cfg: DictConfig, purpose: str) -> dict[str, Any]:
+    """The train and test splits, or a clear error when either has no labels."""
+    splits = {split: build_dataset(dataset_cfg, split) for split in ("train", "test")}
+    for split, data in splits.items():
+        if not data.has_labels:
+            raise ValueError(f"the {split} split of {dataset_cfg.name} has no labels: {purpose} needs them")
+    return splits
+
+
 def labelled_features(
     cfg: DictConfig, purpose: str, parts: Iterable[str] | None = None, encoder_info: tuple | None = None
 ) -> LabelledFeatures:
@@ -113,10 +123,7 @@ def labelled_features(
     device = eval_device(cfg)
     encoder, dataset_cfg, what = encoder_info or resolve_encoder(cfg)
     wanted = list(parts) if parts is not None else [primary_part(encoder)]
-    splits = {split: build_dataset(dataset_cfg, split) for split in ("train", "test")}
-    for split, data in splits.items():
-        if not data.has_labels:
-            raise ValueError(f"the {split} split of {dataset_cfg.name} has no labels: {purpose} needs them")
+    splits = labelled_splits(dataset_cfg, purpose)
     cache = FeatureCache(cache_directory(cfg))
     transform = repr(eval_transform(dataset_cfg.image_size, tuple(dataset_cfg.mean), tuple(dataset_cfg.std)))
     limits = {"train": cfg.max_train_samples, "test": cfg.max_test_samples}

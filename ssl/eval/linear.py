@@ -18,8 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from ssl.data.datasets import build_dataset
-from ssl.eval.encoder import eval_device, labelled_features, resolve_encoder
+from ssl.eval.encoder import eval_device, labelled_features, labelled_splits, resolve_encoder
 from ssl.eval.feature_parts import assemble, part_encoder, parts_of, primary_part, resolve_variants
 from ssl.eval.linear_dino import dino_linear_protocol
 from ssl.eval.linear_probe import linear_probe_variants
@@ -79,12 +78,8 @@ def evaluate_dino_protocol(cfg: DictConfig, encoder_info: tuple) -> dict[str, An
     if hasattr(encoder, "to"):
         encoder = encoder.to(device).eval()
     parts = part_encoder(encoder, parts_of([variant]))
-    train_data, test_data = build_dataset(dataset_cfg, "train"), build_dataset(dataset_cfg, "test")
-    for split, data in (("train", train_data), ("test", test_data)):
-        if not data.has_labels:
-            raise ValueError(
-                f"the {split} split of {dataset_cfg.name} has no labels: a linear probe needs them"
-            )
+    splits = labelled_splits(dataset_cfg, "a linear probe")
+    train_data, test_data = splits["train"], splits["test"]
     start = time.perf_counter()
     result = dino_linear_protocol(
         lambda images: assemble(parts(images), variant), train_data, test_data, dataset_cfg,

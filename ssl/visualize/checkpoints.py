@@ -16,9 +16,10 @@ from PIL import Image
 from torch import nn
 
 from ssl.callbacks.reconstructions import can_reconstruct, reconstruction_grid
-from ssl.data.datamodule import clean_loader
+from ssl.data.datamodule import clean_loader, evenly_spaced_images
 from ssl.data.datasets import build_dataset
 from ssl.data.views import eval_transform
+from ssl.export import read_checkpoint
 from ssl.module import SSLModule
 
 DEFAULT_OUTPUT = Path("notebooks") / "output"
@@ -64,15 +65,6 @@ def output_dir(path: str | Path | None = None) -> Path:
     return out
 
 
-def read_config(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The run's resolved config and the state dict of a checkpoint written by ssl.pretrain."""
-    ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-    config = (ckpt.get("hyper_parameters") or {}).get("config")
-    if config is None:
-        raise ValueError(f"{checkpoint} has no `config` hyper-parameter: it was not written by ssl.pretrain")
-    return config, ckpt["state_dict"]
-
-
 def load_module(checkpoint: str | Path) -> tuple[SSLModule, dict[str, Any]]:
     """The whole training module (backbone, objectives with their heads, teacher), in eval mode.
 
@@ -81,7 +73,7 @@ def load_module(checkpoint: str | Path) -> tuple[SSLModule, dict[str, Any]]:
     """
     from ssl.pretrain import build_module  # Hydra's entry module; only needed here
 
-    config, state = read_config(checkpoint)
+    config, state = read_checkpoint(checkpoint)
     module = build_module(OmegaConf.create(config))
     module.load_state_dict(state)
     return module.eval(), config
@@ -101,12 +93,7 @@ def clean_images(
     dataset_cfg: Any, split: str = "test", num_images: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Evenly spaced clean (normalised) images of a split and their labels: the same ones every time."""
-    data = build_dataset(dataset_cfg, split)
-    transform = eval_transform(dataset_cfg.image_size, tuple(dataset_cfg.mean), tuple(dataset_cfg.std))
-    count = min(int(num_images), len(data))
-    samples = [data[i * len(data) // count] for i in range(count)]
-    images = torch.stack([transform(image) for image, _ in samples])
-    return images, torch.tensor([int(label) for _, label in samples])
+    return evenly_spaced_images(build_dataset(dataset_cfg, split), dataset_cfg, num_images)
 
 
 @torch.no_grad()
