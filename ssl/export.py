@@ -90,12 +90,18 @@ def timm_snippet(meta: dict[str, Any], weights: str | Path) -> str:
     )
 
 
-def export_backbone(backbone: Backbone, path: str | Path, source: str = "") -> Path:
-    """Write `<path>.safetensors` and `<path>.json`; returns the safetensors path."""
+def export_backbone(
+    backbone: Backbone, path: str | Path, source: str = "", state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write `<path>.safetensors` and `<path>.json`; returns the safetensors path.
+
+    `state`: the timm model's weights when they are not in `backbone` itself (gathered FSDP shards).
+    """
     path = Path(path).with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = path.with_suffix(".safetensors")
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
+    state = state if state is not None else backbone.model.state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(weights))
     small_stem = bool(getattr(backbone, "small_image_stem", False))
     meta: dict[str, Any] = {

@@ -22,6 +22,7 @@ from ssl.objectives.base import IncompatibleConfigError, Objective, StepContext,
 from ssl.optim.clipping import clip_gradients
 from ssl.optim.factory import build_optimizer, default_no_weight_decay, split_weight_decay
 from ssl.optim.schedules import LR_SCHEDULES, cosine_schedule, frozen_then, momentum_schedule
+from ssl.sharding import average_replicated_gradients, is_sharded, shard_blocks
 from ssl.teacher import EMATeacher
 
 
@@ -72,6 +73,15 @@ class SSLModule(pl.LightningModule):
         spec = shared_teacher_spec(self.objectives)
         self.teacher = EMATeacher(self.mirrored_by_teacher(), spec) if spec else None
         self.schedules: dict[str, np.ndarray] = {}
+        self.sharded = False
+
+    def configure_model(self) -> None:
+        """`trainer.strategy=fsdp` (a device mesh from Lightning): shard the ViT blocks with FSDP2."""
+        if self.device_mesh is None or self.sharded:
+            return
+        backbones = [self.backbone] + ([self.teacher["backbone"]] if self.teacher is not None else [])
+        shard_blocks(backbones, self.device_mesh, root=self)
+        self.sharded = True
 
     def mirrored_by_teacher(self) -> nn.ModuleDict:
         """The student parts the teacher averages: backbone plus heads objectives ask for."""
@@ -95,6 +105,11 @@ class SSLModule(pl.LightningModule):
         groups = split_weight_decay(named, backbone_exempt)
         for objective in self.objectives.values():
             groups += split_weight_decay(objective.named_parameters(), objective.no_weight_decay)
+        if self.sharded:  # optimizers' foreach kernels take sharded or plain tensors, not a mix
+            groups = [
+                {**g, "params": [p for p in g["params"] if is_sharded(p) == sharded]}
+                for g in groups for sharded in (True, False)
+            ]
         groups = [g for g in groups if g["params"]]
         return build_optimizer(groups, self.optim_cfg)
 
@@ -185,6 +200,8 @@ class SSLModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip (DINO: per parameter, after AMP unscaling), then objective hooks (DINO freeze)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.sharded:  # FSDP2 reduced the blocks' gradients; the replicated rest is averaged here
+            average_replicated_gradients(params)
         clip_gradients(params, self.optim_cfg.clip_grad, self.optim_cfg.clip_mode)
         ctx = self.context()
         for objective in self.objectives.values():

@@ -27,6 +27,13 @@ from ssl.data.datasets import build_dataset
 from ssl.export import export_backbone
 from ssl.module import SSLModule
 from ssl.objectives import OBJECTIVES, build_objective
+from ssl.sharding import (
+    STRATEGY_NAMES,
+    BlockShardedStrategy,
+    full_state_dict,
+    transformer_blocks,
+    uses_block_sharding,
+)
 from ssl.visualize.attention import has_cls_attention
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -89,6 +96,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) 
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_args.get("precision") is None:
         trainer_args["precision"] = default_precision()
+    if trainer_args.get("strategy") in STRATEGY_NAMES:
+        trainer_args["strategy"] = BlockShardedStrategy()
     checkpoint = pl.callbacks.ModelCheckpoint(
         dirpath=str(run_dir / "checkpoints"),
         filename="epoch{epoch:03d}-step{step:07d}",
@@ -189,6 +198,9 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     dataset = build_dataset(cfg.dataset, "pretrain")  # fails now, with advice, if data is missing
     pl.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, num_samples=len(dataset))
+    sharded = uses_block_sharding(cfg.trainer)
+    if sharded:
+        transformer_blocks(module.backbone)  # FSDP needs a ViT: fail now, not in every rank
     views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
     maskers = [m for o in module.objectives.values() for m in o.batch_maskers()]
     data = PretrainDataModule(
@@ -206,12 +218,16 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     callbacks: list[pl.Callback] = [knn] if knn else []
     if cfg.online_linear.enabled:
         callbacks.append(build_online_linear(cfg, module, eval_sets))
-    if cfg.reconstructions.enabled and any(can_reconstruct(o) for o in module.objectives.values()):
+    if sharded and (cfg.reconstructions.enabled or cfg.attention_maps.enabled):
+        print("ssl.pretrain: trainer.strategy=fsdp: reconstruction and attention-map pictures are off "
+              "(they run on rank 0 alone, and sharded blocks need every rank).", file=sys.stderr)
+    reconstructs = any(can_reconstruct(o) for o in module.objectives.values())
+    if not sharded and cfg.reconstructions.enabled and reconstructs:
         callbacks.append(ReconstructionGrid(
             dataset, cfg.dataset, run_dir / "reconstructions", cfg.reconstructions.every_n_epochs,
             cfg.reconstructions.num_images,
         ))
-    if cfg.attention_maps.enabled and has_cls_attention(module.eval_backbone()):
+    if not sharded and cfg.attention_maps.enabled and has_cls_attention(module.eval_backbone()):
         callbacks.append(AttentionMaps(
             dataset, cfg.dataset, run_dir / "attention", cfg.attention_maps.every_n_epochs,
             cfg.attention_maps.num_images, cfg.attention_maps.keep,
@@ -226,12 +242,16 @@ def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
     trainer.fit(module, datamodule=prepared.data, ckpt_path=cfg.get("resume"))
     run_dir = Path(cfg.run_dir)
     result: dict[str, Any] = {"run_dir": str(run_dir)}
-    if cfg.export.enabled and trainer.is_global_zero:
+    if cfg.export.enabled:
         which = cfg.export.which
         source = "teacher" if which == "teacher" and module.teacher is not None else "student"
-        path = export_backbone(module.eval_backbone(which), run_dir / "backbone", source=source)
-        result["backbone"] = str(path)
-        print(f"exported backbone: {path}")
+        backbone = module.eval_backbone(which)
+        # Sharded blocks are gathered by every rank together; rank 0 writes.
+        state = full_state_dict(backbone.model) if module.sharded else None
+        if trainer.is_global_zero:
+            path = export_backbone(backbone, run_dir / "backbone", source=source, state=state)
+            result["backbone"] = str(path)
+            print(f"exported backbone: {path}")
     if knn is not None and knn.last and trainer.is_global_zero:
         result["knn"] = knn.last
         print(f"k-NN (k={cfg.knn.k}, T={cfg.knn.temperature}) on {cfg.dataset.name} test: "

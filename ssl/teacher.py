@@ -5,6 +5,7 @@ receives gradients, runs without stochastic depth or dropout, and follows
 theta_t <- m * theta_t + (1 - m) * theta_s once per optimizer step with one fused foreach lerp.
 It is built in the training module's constructor, so it is part of the LightningModule: DDP
 broadcasts it from rank 0 with the student (all ranks start equal) and checkpoints carry it.
+Under FSDP its blocks are sharded like the student's, and the EMA runs on the local shards.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ssl.objectives.base import TeacherSpec
+from ssl.sharding import local
 
 
 def disable_stochastic_layers(module: nn.Module) -> None:
@@ -57,8 +59,8 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def update(self, student: nn.ModuleDict, momentum: float) -> None:
         """theta_t <- m theta_t + (1 - m) theta_s over parameters (one fused foreach op)."""
-        teacher_params = list(self.module.parameters())
-        student_params = [p.detach() for p in student.parameters()]
+        teacher_params = [local(p) for p in self.module.parameters()]
+        student_params = [local(p.detach()) for p in student.parameters()]
         if len(teacher_params) != len(student_params):
             raise RuntimeError("teacher and student have different parameter lists")
         torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs da
     (["objective=dino", "backbone=vit_t", "dataset.patch_size=5"], "does not divide"),
     (["objective=coke", "backbone=resnet18", "objective.coke.num_clusters=[70000]"],
      "number of training images (60000)"),
+    (["objective=dino", "backbone=resnet18", "trainer.strategy=fsdp"], "use trainer.strategy=ddp"),
 ])
 def test_bad_config_exits_2_with_advice_and_no_run(
     tmp_path: Path, overrides: list[str], message: str

@@ -9,7 +9,7 @@ from ssl.heads.dino import DINOHead
 from ssl.losses.dino import dino_loss, updated_center
 from ssl.objectives.base import StepContext
 from ssl.objectives.dino import DINO
-from ssl.optim.clipping import clip_per_parameter
+from ssl.optim.clipping import clip_gradients, clip_per_parameter
 
 S1, S2 = [1.0, 0, 0, 0], [0, 1.0, 0, 0]
 T1, T2 = [1.0, 0, 0, 0], [0, 0, 1.0, 0]
@@ -142,3 +142,18 @@ def test_center_used_by_loss_is_previous_steps() -> None:
     expected = dino_loss(s, t, torch.zeros(1, 32), 3)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert torch.allclose(dino.center, updated_center(torch.zeros(1, 32), t))
+
+
+def test_global_norm_mode_equals_torch_clip_grad_norm() -> None:
+    """`optimizer.clip_mode=global_norm` is torch's clip_grad_norm_ (ours also handles FSDP shards)."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))]
+    theirs = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn_like(a) * 4
+        b.grad = a.grad.clone()
+    clip_gradients(ours, 1.5, "global_norm")
+    torch.nn.utils.clip_grad_norm_(theirs, 1.5)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    assert torch.cat([p.grad.flatten() for p in ours]).norm() == pytest.approx(1.5, rel=1e-5)

@@ -7,7 +7,24 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ssl.distributed import all_gather_cat
+from ssl.distributed import all_gather_cat, world_size
+
+
+def batches_behind(loader: Iterable, device: torch.device | str) -> int:
+    """How many fewer batches this rank's shard has than the largest (0 in one process).
+
+    Shards differ by at most one image, which can mean one batch. A sharded (FSDP) backbone
+    gathers each block's weights from every rank in forward, so every rank must run as many
+    forwards as the others.
+    """
+    if world_size() == 1:
+        return 0
+    import torch.distributed as dist
+
+    mine = torch.tensor([len(loader)], device=device)
+    most = mine.clone()
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most - mine)
 
 
 @torch.no_grad()
@@ -30,11 +47,14 @@ def extract_parts(
         from tqdm import tqdm
 
         batches = tqdm(loader, desc=progress, leave=False, disable=not sys.stderr.isatty())
+    images = None
     for batch in batches:
-        images, targets = batch["image"], batch["label"]
-        for name, value in encode(images.to(device, non_blocking=True)).items():
+        images, targets = batch["image"].to(device, non_blocking=True), batch["label"]
+        for name, value in encode(images).items():
             parts.setdefault(name, []).append(value.float())
         labels.append(targets.to(device))
+    for _ in range(batches_behind(loader, device)):
+        encode(images)  # results dropped: keeps FSDP's per-block gathers in step across ranks
     out = {name: torch.cat(values) for name, values in parts.items()}
     targets = torch.cat(labels)
     if gather:
