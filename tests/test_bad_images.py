@@ -188,6 +188,20 @@ def test_evaluation_loader_drops_bad_files_and_keeps_labels_aligned(tmp_path: Pa
     assert skipped == 2
 
 
+def test_dino_linear_protocol_trains_and_tests_over_broken_files(tmp_path: Path) -> None:
+    from ssl.eval.linear_dino import dino_linear_protocol
+
+    root = tmp_path / "labelled"
+    for c, name in enumerate(("cat", "dog")):
+        write_broken(root / name)
+        for i in range(3):
+            Image.new("RGB", (24, 20), (40 + 100 * c,) * 3).save(root / name / f"{i}.png")
+    ds = ImageFolderDataset(str(root))
+    result = dino_linear_protocol(lambda x: x.mean(dim=(2, 3)), ds, ds, DATASET, 2, epochs=1,
+                                  batch_size=4, num_workers=2)
+    assert 0.0 <= result["top1"] <= 100.0
+
+
 def test_callback_images_skip_broken_files(folder) -> None:
     root, _, _ = folder
     images, labels = evenly_spaced_images(ImageFolderDataset(str(root)), DATASET, 16)

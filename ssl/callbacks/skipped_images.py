@@ -17,6 +17,8 @@ import torch
 
 
 class SkippedImages(pl.Callback):
+    """Sums `batch["unreadable"]` over an epoch; logs and prints the total at the epoch's end."""
+
     def __init__(self) -> None:
         self.count = 0
         self.first: tuple[str, str] | None = None
