@@ -22,6 +22,7 @@ from ssl.callbacks.attention_maps import AttentionMaps
 from ssl.callbacks.online_knn import OnlineKNN
 from ssl.callbacks.online_linear import OnlineLinearProbe
 from ssl.callbacks.reconstructions import ReconstructionGrid, can_reconstruct
+from ssl.callbacks.skipped_images import SkippedImages
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.datasets import build_dataset
 from ssl.export import export_backbone
@@ -215,7 +216,7 @@ def prepare(cfg: DictConfig) -> PreparedRun:
             cfg.knn.max_train_samples, cfg.knn.max_test_samples, cfg.knn.batch_size,
             cfg.knn.num_workers,
         )
-    callbacks: list[pl.Callback] = [knn] if knn else []
+    callbacks: list[pl.Callback] = [SkippedImages(), *([knn] if knn else [])]  # unreadable files, per epoch
     if cfg.online_linear.enabled:
         callbacks.append(build_online_linear(cfg, module, eval_sets))
     if sharded and (cfg.reconstructions.enabled or cfg.attention_maps.enabled):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from ssl.data.datasets import build_dataset
+from ssl.data.datasets import UnreadableImageError, build_dataset, next_readable
 from ssl.data.views import (
     CROP_RECIPES,
     MultiCropTransform,
@@ -26,21 +26,71 @@ class TransformedDataset(Dataset):
     key="image" for evaluation; key=None when the transform itself returns a dict of views
     ("views", "plain_views"). The per-sample index lets objectives keep per-instance state
     (CoKe's label memory).
+
+    An unreadable file (`UnreadableImageError`) never raises here, so never kills a DataLoader
+    worker. Every sample carries `"unreadable": [(path, reason)]` (empty when the file was fine),
+    which the collate functions move into the batch, so the count reaches the main process.
+    on_unreadable="substitute" (pretraining): the next readable image (index + 1, ...) takes the
+    slot, with its own index and label, so every batch keeps its size (BatchNorm, DDP gathers and
+    CoKe's per-batch assignment want equal, non-empty batches). on_unreadable="drop" (evaluation):
+    the sample is a marker without "index" that `collate_readable` leaves out, so features and
+    labels are never duplicated and stay aligned. Only the file the sampler asked for is reported,
+    so each broken file counts once per epoch however many neighbours were tried.
     """
 
-    def __init__(self, dataset: Dataset, transform: Callable, key: str | None) -> None:
+    def __init__(
+        self, dataset: Dataset, transform: Callable, key: str | None, on_unreadable: str = "substitute"
+    ) -> None:
+        if on_unreadable not in ("substitute", "drop"):
+            raise ValueError(f"on_unreadable must be 'substitute' or 'drop', got {on_unreadable!r}")
         self.dataset = dataset
         self.transform = transform
         self.key = key
+        self.on_unreadable = on_unreadable
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image, label = self.dataset[index]
+        unreadable: list[tuple[str, str]] = []
+        try:
+            image, label = self.dataset[index]
+        except UnreadableImageError as error:
+            unreadable.append((error.path, error.reason))
+            if self.on_unreadable == "drop":
+                return {"unreadable": unreadable}
+            index, (image, label) = next_readable(self.dataset, index + 1)
         views = self.transform(image)
         sample = dict(views) if self.key is None else {self.key: views}
-        return {**sample, "label": label, "index": index}
+        return {**sample, "label": label, "index": index, "unreadable": unreadable}
+
+
+def split_unreadable(samples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """(the readable samples without their "unreadable" entry, every (path, reason) reported)."""
+    unreadable = [entry for sample in samples for entry in sample.get("unreadable", ())]
+    kept = [{k: v for k, v in sample.items() if k != "unreadable"} for sample in samples if "index" in sample]
+    return kept, unreadable
+
+
+def collate_readable(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """`default_collate` of the readable samples, plus batch["unreadable"]: the skipped files.
+
+    A batch in which nothing was readable is {"index": empty, "unreadable": [...]}; `CleanLoader`
+    leaves it out.
+    """
+    kept, unreadable = split_unreadable(samples)
+    batch = default_collate(kept) if kept else {"index": torch.empty(0, dtype=torch.long)}
+    batch["unreadable"] = unreadable
+    return batch
+
+
+class CleanLoader(DataLoader):
+    """A DataLoader that leaves out batches in which no image could be read (see `clean_loader`)."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if len(batch["index"]):
+                yield batch
 
 
 def _scale(scale: Sequence[float] | None) -> tuple[float, float] | None:
@@ -118,9 +168,10 @@ class MaskingCollate:
         self.maskers = list(maskers)
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = default_collate(samples)
+        batch = collate_readable(samples)  # batch["unreadable"]: the files skipped in this batch
+        size = len(batch["index"])
         for masker in self.maskers:
-            batch.update(masker(len(samples)))
+            batch.update(masker(size))
         return batch
 
 
@@ -202,7 +253,8 @@ def evenly_spaced_images(
     size = int(image_size or dataset_cfg.image_size)
     transform = eval_transform(size, tuple(dataset_cfg.mean), tuple(dataset_cfg.std))
     count = min(int(count), len(dataset))
-    samples = [dataset[i * len(dataset) // count] for i in range(count)]
+    # A broken file gives way to the next readable one, so it never stops a callback.
+    samples = [next_readable(dataset, i * len(dataset) // count)[1] for i in range(count)]
     images = torch.stack([transform(image) for image, _ in samples])
     return images, torch.tensor([int(label) for _, label in samples])
 
@@ -218,14 +270,16 @@ def clean_loader(
     """Un-augmented (resized / centre-cropped) images of a raw dataset for k-NN and probes.
 
     `shard=(rank, world)` gives each rank a disjoint slice; `max_samples` takes an evenly spaced
-    subset (the same on every rank) to bound the cost of an online monitor.
+    subset (the same on every rank) to bound the cost of an online monitor. Unreadable images are
+    left out with their labels, so a batch may be smaller than `batch_size`.
     """
     transform = eval_transform(dataset_cfg.image_size, tuple(dataset_cfg.mean), tuple(dataset_cfg.std))
-    data = TransformedDataset(dataset, transform, "image")
+    data = TransformedDataset(dataset, transform, "image", on_unreadable="drop")
     indices = list(range(len(data)))
     if max_samples and max_samples < len(indices):
         step = len(indices) / max_samples
         indices = [int(i * step) for i in range(max_samples)]
     rank, world = shard
     subset = torch.utils.data.Subset(data, indices[rank::world])
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return CleanLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                       collate_fn=collate_readable)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from omegaconf.errors import MissingMandatoryValue
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 SPLITS = ("pretrain", "train", "test")
@@ -31,6 +31,19 @@ FASHION_MNIST_CLASSES = (
 
 class DatasetNotFoundError(FileNotFoundError):
     """The data for a configured dataset is not on disk; the message says how to get it."""
+
+
+class UnreadableImageError(OSError):
+    """An image file that cannot be decoded (empty, truncated, corrupt, not an image at all).
+
+    Raised by `load_image`; the data loaders catch it and skip the file instead of crashing a
+    worker (see `ssl.data.datamodule.TransformedDataset`).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,11 +113,45 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str) -> Image.Image:
-    """Open an image file as RGB (fully loaded, so that the file handle can be closed)."""
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        image.load()
-        return to_rgb(image)
+    """Open an image file as RGB, decoded in full here, so that a broken file fails here.
+
+    Any decoding failure becomes `UnreadableImageError(path, reason)`. Truncated files count as
+    broken: `ImageFile.LOAD_TRUNCATED_IMAGES` is left off, so they are skipped, not half-grey.
+    """
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+            return to_rgb(image)
+    except Exception as error:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ...
+        raise UnreadableImageError(path, _unreadable_reason(path, error)) from error
+
+
+def _unreadable_reason(path: str, error: Exception) -> str:
+    """A short reason for the report: the file's own name is already in the message."""
+    if isinstance(error, FileNotFoundError):
+        return "file not found (removed after the folder was scanned?)"
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "empty file (0 bytes)"
+    if isinstance(error, UnidentifiedImageError):
+        return "cannot identify image file (not an image, or an unsupported format)"
+    return f"{type(error).__name__}: {error}"
+
+
+def next_readable(dataset: Dataset, index: int) -> tuple[int, Any]:
+    """`(i, dataset[i])` for the first readable i from `index` on, wrapping around the dataset."""
+    n = len(dataset)  # type: ignore[arg-type]
+    first: UnreadableImageError | None = None
+    for step in range(n):
+        i = (index + step) % n
+        try:
+            return i, dataset[i]
+        except UnreadableImageError as error:
+            first = first or error
+    raise UnreadableImageError(
+        first.path if first else "?",
+        f"none of the {n} images of the dataset can be decoded (this one: {first.reason if first else '?'})",
+    )
 
 
 def has_labels(dataset: Dataset) -> bool:
@@ -409,8 +456,10 @@ class ImageFolderDataset(Dataset):
         if not self.samples:
             raise DatasetNotFoundError(
                 f"No images were found under {os.path.abspath(self.root)} (recognised extensions,"
-                f" case-insensitive: {' '.join(e[1:] for e in IMAGE_EXTENSIONS)})."
+                f" case-insensitive: {' '.join(e[1:] for e in IMAGE_EXTENSIONS)}); point"
+                f" dataset.root (or dataset.test_root) at a folder that holds image files."
             )
+        self._check_one_readable()
         self.has_labels = own_classes is not None
         self.num_classes: int | None = len(self.classes) if self.has_labels else None
 
@@ -422,8 +471,20 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        """Raises `UnreadableImageError` for a broken file; the loaders skip it."""
         path, label = self.samples[index]
         return load_image(path), label
+
+    def _check_one_readable(self) -> None:
+        """Fail now, not in a worker, when no file decodes; usually costs one image decode."""
+        try:
+            next_readable(self, 0)
+        except UnreadableImageError as error:
+            raise DatasetNotFoundError(
+                f"None of the {len(self.samples)} image files under {os.path.abspath(self.root)} can be"
+                f" decoded (e.g. {error.path}); they are empty, truncated or not images. Point"
+                f" dataset.root at readable images."
+            ) from error
 
 
 def build_imagefolder(cfg: Any, split: str) -> Dataset:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from ssl.data.datamodule import TransformedDataset, clean_loader
+from ssl.data.datamodule import TransformedDataset, clean_loader, collate_readable
 from ssl.data.views import ToNormalizedTensor
 from ssl.eval.knn_classifier import topk_accuracy
 
@@ -56,7 +56,7 @@ def dino_linear_protocol(
         step = len(train_set) / max_train_samples
         train_set = torch.utils.data.Subset(train_set, [int(i * step) for i in range(max_train_samples)])
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                        generator=generator, drop_last=False)
+                        generator=generator, drop_last=False, collate_fn=collate_readable)
     with torch.no_grad():
         probe_input = next(iter(clean_loader(test_data, dataset_cfg, 2, 0)))["image"].to(device)
         dim = encode(probe_input).shape[1]
