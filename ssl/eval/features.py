@@ -10,21 +10,15 @@ import torch
 from ssl.distributed import all_gather_cat, world_size
 
 
-def batches_behind(loader: Iterable, device: torch.device | str) -> int:
-    """How many fewer batches this rank's shard has than the largest (0 in one process).
-
-    Shards differ by at most one image, which can mean one batch. A sharded (FSDP) backbone
-    gathers each block's weights from every rank in forward, so every rank must run as many
-    forwards as the others.
-    """
+def any_rank(flag: bool, device: torch.device | str) -> bool:
+    """True when `flag` holds on at least one rank (itself in one process)."""
     if world_size() == 1:
-        return 0
+        return flag
     import torch.distributed as dist
 
-    mine = torch.tensor([len(loader)], device=device)
-    most = mine.clone()
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    return int(most - mine)
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
 
 
 @torch.no_grad()
@@ -47,14 +41,23 @@ def extract_parts(
         from tqdm import tqdm
 
         batches = tqdm(loader, desc=progress, leave=False, disable=not sys.stderr.isatty())
-    images = None
-    for batch in batches:
+    # Ranks step together until every shard is done: shards differ by up to one image (so one
+    # batch), and a batch of unreadable files is left out on one rank alone. A sharded (FSDP)
+    # backbone gathers each block's weights from every rank in forward, so a rank that is done
+    # repeats its last batch (results dropped) until the others are.
+    images, iterator = None, iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if not any_rank(batch is not None, device):
+            break
+        if batch is None:
+            if images is not None:
+                encode(images)
+            continue
         images, targets = batch["image"].to(device, non_blocking=True), batch["label"]
         for name, value in encode(images).items():
             parts.setdefault(name, []).append(value.float())
         labels.append(targets.to(device))
-    for _ in range(batches_behind(loader, device)):
-        encode(images)  # results dropped: keeps FSDP's per-block gathers in step across ranks
     out = {name: torch.cat(values) for name, values in parts.items()}
     targets = torch.cat(labels)
     if gather:
