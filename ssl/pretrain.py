@@ -27,6 +27,7 @@ from ssl.data.datasets import build_dataset
 from ssl.export import export_backbone
 from ssl.module import SSLModule
 from ssl.objectives import OBJECTIVES, build_objective
+from ssl.optim.nonfinite import NonFiniteLossError
 from ssl.visualize.attention import has_cls_attention
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -152,9 +153,11 @@ def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
     weights = {name: float(obj_cfg.get("weight", 1.0)) for name, obj_cfg in cfg.objective.items()}
     if cfg.get("trainer") is not None and cfg.trainer.get("sync_batchnorm") is None:
         cfg.trainer.sync_batchnorm = resolve_sync_batchnorm(cfg.trainer, objectives.values())
+    guard = cfg.get("guard") or {}
     return SSLModule(
         backbone, objectives, weights, cfg.optimizer, cfg.data.batch_size,
         config=OmegaConf.to_container(cfg, resolve=True),
+        max_consecutive_nonfinite=guard.get("max_consecutive_nonfinite", 20),
     )
 
 
@@ -240,13 +243,18 @@ def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Pretrain with a composed config. Bad input exits with one message, not a traceback."""
+    """Pretrain with a composed config. Bad input exits with one message, not a traceback;
+    so does a run that diverged (exit status 3)."""
     try:
         prepared = prepare(cfg)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"ssl.pretrain: error: {error}", file=sys.stderr)
         sys.exit(2)
-    return fit(cfg, prepared)
+    try:
+        return fit(cfg, prepared)
+    except NonFiniteLossError as error:
+        print(f"ssl.pretrain: error: {error}", file=sys.stderr)
+        sys.exit(3)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
