@@ -4,12 +4,16 @@ too many in a row stop the run with advice and the last good checkpoint."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import FASHION_MNIST_DIR, REPO_ROOT
 from pytorch_lightning.plugins.precision import MixedPrecision
 from test_module import Crops, tiny_module
 from torch.utils.data import DataLoader
@@ -251,3 +255,38 @@ def test_coke_clustering_state_ignores_nonfinite_features() -> None:
     assert all(torch.equal(state[k], v) for k, v in coke.state_dict().items())
     coke.cluster(features, torch.arange(4, 8), epoch=0)  # a finite batch still updates
     assert not all(torch.equal(state[k], v) for k, v in coke.state_dict().items())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist")
+def test_a_diverging_run_stops_with_advice_and_its_last_good_checkpoint(tmp_path: Path) -> None:
+    """lr 1e30: step 0 (warm-up lr 0) and step 1 train, the weights blow up to ~1e27, steps 2-4
+    give NaN losses and are skipped, and the run stops (exit 3) naming the checkpoint written
+    before the blow-up, whose weights are still the healthy ones."""
+    run_dir = tmp_path / "run"
+    args = [
+        "backbone=vit_t", "+backbone.kwargs.depth=1", "objective.dino.out_dim=64",
+        "objective.dino.hidden_dim=32", "objective.dino.local_crops=1", "data.batch_size=8",
+        "data.num_workers=0", "trainer.limit_train_batches=6", "trainer.max_epochs=2",
+        "knn.enabled=false", "export.enabled=false", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
+        "checkpoint.every_n_train_steps=1",
+        "checkpoint.every_n_epochs=null", "optimizer.lr=1e30", "guard.max_consecutive_nonfinite=3",
+        f"hydra.run.dir={run_dir}",
+    ]
+    out = subprocess.run([sys.executable, "-m", "ssl.pretrain", *args], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    good = run_dir / "checkpoints" / "epoch000-step0000001.ckpt"
+    assert "3 consecutive optimizer steps had a non-finite loss or gradient (the last at step 4" in out.stderr
+    assert f"Last good checkpoint: {good}" in out.stderr and f"resume={good}" in out.stderr
+    assert "optimizer.lr" in out.stderr and "bf16-mixed" in out.stderr
+
+    def largest_weight(name: str) -> float:
+        ckpt = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+        return max(float(v.abs().max()) for k, v in ckpt["state_dict"].items() if k.startswith("backbone."))
+
+    assert largest_weight(good.name) < 10 < 1e20 < largest_weight("epoch000-step0000002.ckpt")
+    metrics = (run_dir / "logs" / "metrics.csv").read_text()
+    assert "train/nonfinite_skipped" in metrics and "train/nonfinite_consecutive" in metrics

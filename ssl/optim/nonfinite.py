@@ -49,8 +49,8 @@ def stop_message(consecutive: int, skipped: int, step: int, checkpoint: str | No
         restart = "Last good checkpoint: none (no checkpoint was written while training was healthy)"
     return (
         f"training stopped: {consecutive} consecutive optimizer steps had a non-finite loss or "
-        f"gradient (the last at step {step}; {skipped} skipped in all). Their updates were not "
-        f"applied, so the weights and the EMA teacher are those of the last good step.\n"
+        f"gradient (the last at step {step}; {skipped} skipped in all). Those steps were skipped: "
+        f"weights, optimizer state and EMA teacher are as the last applied step left them.\n"
         f"Likely causes:\n{causes}\n{restart}\n"
         "Allow more with guard.max_consecutive_nonfinite=<N> (0: never stop)."
     )
