@@ -28,6 +28,7 @@ from ssl.export import export_backbone
 from ssl.module import SSLModule
 from ssl.objectives import OBJECTIVES, build_objective
 from ssl.optim.nonfinite import NonFiniteLossError
+from ssl.redaction import redact, redact_overrides
 from ssl.visualize.attention import has_cls_attention
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -58,7 +59,12 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
             "(the default is time-stamped), or remove the old one yourself."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(recorded_config(cfg)))
+
+
+def recorded_config(cfg: DictConfig) -> dict:
+    """The resolved config as a run records it (config.yaml, logger, checkpoints): secrets as ***."""
+    return redact(OmegaConf.to_container(cfg, resolve=True))
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
@@ -69,12 +75,14 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
     if name == "csv":
         return pl.loggers.CSVLogger(save_dir=str(run_dir), name="logs", version="")
     if name == "wandb":
+        if cfg.logger.get("api_key"):  # used from the environment, recorded nowhere
+            os.environ["WANDB_API_KEY"] = str(cfg.logger.api_key)
         logger = pl.loggers.WandbLogger(
             save_dir=str(run_dir), project=cfg.logger.project, entity=cfg.logger.entity,
             tags=list(cfg.logger.tags), group=cfg.logger.group, mode=cfg.logger.mode,
             log_model=cfg.logger.log_model,
         )
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(recorded_config(cfg))
         return logger
     raise ValueError(f"unknown logger '{name}'; valid: csv, wandb, none")
 
@@ -156,7 +164,7 @@ def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
     guard = cfg.get("guard") or {}
     return SSLModule(
         backbone, objectives, weights, cfg.optimizer, cfg.data.batch_size,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=recorded_config(cfg),
         max_consecutive_nonfinite=guard.get("max_consecutive_nonfinite", 20),
     )
 
@@ -245,6 +253,7 @@ def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Pretrain with a composed config. Bad input exits with one message, not a traceback;
     so does a run that diverged (exit status 3)."""
+    sys.argv[:] = redact_overrides(sys.argv)  # composed already; wandb records the command line
     try:
         prepared = prepare(cfg)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
