@@ -15,6 +15,8 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ssl.backbones.factory import build_backbone, check_backbone_name, is_vit_name
@@ -28,7 +30,7 @@ from ssl.export import export_backbone
 from ssl.module import SSLModule
 from ssl.objectives import OBJECTIVES, build_objective
 from ssl.optim.nonfinite import NonFiniteLossError
-from ssl.redaction import redact, redact_overrides
+from ssl.redaction import redact, redact_overrides, redact_yaml_file
 from ssl.visualize.attention import has_cls_attention
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -250,10 +252,20 @@ def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
     return result
 
 
+def redact_sweep_config() -> None:
+    """Hydra's multirun writes the whole config, secrets included, to <sweep dir>/multirun.yaml."""
+    if launched_as_worker_rank() or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        redact_yaml_file(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Pretrain with a composed config. Bad input exits with one message, not a traceback;
     so does a run that diverged (exit status 3)."""
     sys.argv[:] = redact_overrides(sys.argv)  # composed already; wandb records the command line
+    redact_sweep_config()
     try:
         prepared = prepare(cfg)
     except (FileNotFoundError, FileExistsError, ValueError) as error:

@@ -9,8 +9,13 @@ the run can still use it. Environment variables are never dumped.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 REDACTED = "***"
 
@@ -54,3 +59,56 @@ def redact_overrides(argv: list[str]) -> list[str]:
         name = key.lstrip("+~").rsplit(".", 1)[-1]
         out.append(f"{key}={REDACTED}" if sep and not key.startswith("-") and is_secret_name(name) else arg)
     return out
+
+
+# key=value; the value runs to whitespace, a quote or bracket, or a comma before the next key=
+# (Hydra's override_dirname joins overrides with commas; a sweep's "a,b" values stay together).
+_ASSIGNMENT = re.compile(
+    r"(?P<key>[\w.+~-]*?(?P<name>[A-Za-z0-9_-]+))=(?P<value>(?:[^\s,'\"\]\)]|,(?![\w.+~-]+=))+)"
+)
+
+
+def redact_text(text: str) -> str:
+    """Free text (a log line) with `name=value` secret assignments hidden."""
+    def hide(match: re.Match) -> str:
+        return f"{match['key']}={REDACTED}" if is_secret_name(match["name"]) else match[0]
+
+    return _ASSIGNMENT.sub(hide, text)
+
+
+class RedactingFilter(logging.Filter):
+    """Logging filter hiding secret overrides, e.g. in Hydra's multirun launcher's job list.
+
+    conf/config.yaml puts it on Hydra's console handler.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        hidden = redact_text(message)
+        if hidden != message:
+            record.msg, record.args = hidden, ()
+        return True
+
+
+def redact_yaml_file(path: Path) -> None:
+    """Rewrite a config dump someone else wrote (Hydra's <sweep dir>/multirun.yaml) without secrets.
+
+    Interpolations are kept as written; the overrides Hydra records there are redacted too.
+    """
+    if not path.is_file():
+        return
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    hidden = _redact_strings(redact(cfg))
+    if hidden == cfg:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(hidden))
+    os.replace(tmp, path)  # atomic: parallel jobs of one sweep may all do this
+
+
+def _redact_strings(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_strings(v) for v in value]
+    return redact_text(value) if isinstance(value, str) else value
