@@ -204,9 +204,7 @@ class SSLModule(pl.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.step_is_finite(params):
             self._skip_step = False
-            callback = self.trainer.checkpoint_callback if self._trainer else None
-            newest = (callback.best_model_path or callback.last_model_path) if callback else None
-            self.guard.good(newest)
+            self.guard.good(self.newest_checkpoint())
             clip_gradients(params, self.optim_cfg.clip_grad, self.optim_cfg.clip_mode)
             ctx = self.context()
             for objective in self.objectives.values():
@@ -219,6 +217,18 @@ class SSLModule(pl.LightningModule):
         self.log("train/nonfinite_consecutive", float(self.guard.consecutive))
         if self.guard.overflows:
             self.log("train/amp_overflow_skipped", float(self.guard.overflows))
+
+    def newest_checkpoint(self) -> str | None:
+        """The newest periodic checkpoint written (else the one this run resumed from), or None.
+
+        Called when a step's loss and gradients are finite: that checkpoint's weights trained on.
+        `last.ckpt` is only a fallback, since it is overwritten by every later save.
+        """
+        if not self._trainer:
+            return None
+        callback = self.trainer.checkpoint_callback
+        newest = (callback.best_model_path or callback.last_model_path) if callback else None
+        return newest or self.trainer.ckpt_path
 
     def grad_scaler(self) -> Any:
         """The fp16 GradScaler of Lightning's precision plugin, or None (32-bit, bf16)."""
