@@ -3,7 +3,9 @@
 Generic on purpose: it knows nothing method-specific. It sums the objectives' weighted losses,
 owns the optimizer and the per-step lr / weight-decay / EMA-momentum schedules, clips gradients,
 updates the teacher once per optimizer step (so gradient accumulation is handled), and logs the
-objectives' metrics under their own names.
+objectives' metrics under their own names. A step whose loss or gradients are not finite is skipped
+(weights, optimizer moments and teacher untouched) and counted; too many in a row stop the run
+(ssl/optim/nonfinite.py).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import torch
 from torch import nn
 
 from ssl.backbones.base import Backbone
+from ssl.distributed import all_reduce_sum
 from ssl.objectives.base import IncompatibleConfigError, Objective, StepContext, TeacherSpec
 from ssl.optim.clipping import clip_gradients
 from ssl.optim.factory import build_optimizer, default_no_weight_decay, split_weight_decay
+from ssl.optim.nonfinite import NonFiniteGuard, all_finite
 from ssl.optim.schedules import LR_SCHEDULES, cosine_schedule, frozen_then, momentum_schedule
 from ssl.sharding import average_replicated_gradients, is_sharded, shard_blocks
 from ssl.teacher import EMATeacher
@@ -58,6 +62,7 @@ class SSLModule(pl.LightningModule):
         optimizer: Any,
         batch_size: int,
         config: dict | None = None,
+        max_consecutive_nonfinite: int | None = 20,
     ) -> None:
         super().__init__()
         if config is not None:
@@ -74,6 +79,9 @@ class SSLModule(pl.LightningModule):
         self.teacher = EMATeacher(self.mirrored_by_teacher(), spec) if spec else None
         self.schedules: dict[str, np.ndarray] = {}
         self.sharded = False
+        self.guard = NonFiniteGuard(max_consecutive_nonfinite)
+        self._loss_finite: torch.Tensor | None = None  # over this optimizer step's micro-batches
+        self._skip_step = False
 
     def configure_model(self) -> None:
         """`trainer.strategy=fsdp` (a device mesh from Lightning): shard the ViT blocks with FSDP2."""
@@ -180,6 +188,8 @@ class SSLModule(pl.LightningModule):
             logs[f"{name}/loss"] = out.loss.detach()
             for key, value in out.metrics.items():
                 logs[f"{name}/{key}"] = value
+        finite = torch.isfinite(total.detach()).all()
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         batch_size = len(batch["index"])
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
@@ -198,27 +208,98 @@ class SSLModule(pl.LightningModule):
                 self.log(f"train/{name}/{key}", value, on_epoch=True, on_step=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip (DINO: per parameter, after AMP unscaling), then objective hooks (DINO freeze)."""
+        """Skip a non-finite step, else clip (DINO: per parameter, after AMP unscaling) and run
+        the objective hooks (DINO freeze).
+
+        Lightning calls this after backward (and after the fp16 scaler's unscaling), inside
+        `optimizer.step`. A skipped step has its gradients dropped: the optimizers step no
+        parameter without a gradient, so weights, moments and step counts stay as they were.
+        """
+        self.unscale_gradients(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.sharded:  # FSDP2 reduced the blocks' gradients; the replicated rest is averaged here
             average_replicated_gradients(params)
-        clip_gradients(params, self.optim_cfg.clip_grad, self.optim_cfg.clip_mode)
-        ctx = self.context()
-        for objective in self.objectives.values():
-            objective.before_optimizer_step(ctx)
+        if self.step_is_finite(params):
+            self._skip_step = False
+            self.guard.good(self.newest_checkpoint())
+            clip_gradients(params, self.optim_cfg.clip_grad, self.optim_cfg.clip_mode)
+            ctx = self.context()
+            for objective in self.objectives.values():
+                objective.before_optimizer_step(ctx)
+        else:
+            self._skip_step = True
+            for param in params:
+                param.grad = None
+        self.log("train/nonfinite_skipped", float(self.guard.skipped))
+        self.log("train/nonfinite_consecutive", float(self.guard.consecutive))
+        if self.guard.overflows:
+            self.log("train/amp_overflow_skipped", float(self.guard.overflows))
+
+    def newest_checkpoint(self) -> str | None:
+        """The newest periodic checkpoint written (else the one this run resumed from), or None.
+
+        Called when a step's loss and gradients are finite: that checkpoint's weights trained on.
+        `last.ckpt` is only a fallback, since it is overwritten by every later save.
+        """
+        if not self._trainer:
+            return None
+        callback = self.trainer.checkpoint_callback
+        newest = (callback.best_model_path or callback.last_model_path) if callback else None
+        return newest or self.trainer.ckpt_path
+
+    def grad_scaler(self) -> Any:
+        """The fp16 GradScaler of Lightning's precision plugin, or None (32-bit, bf16)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer else None
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """fp16: have the GradScaler unscale the gradients before they are checked or clipped.
+
+        Lightning unscales before this hook, except for optimizers that unscale inside their own
+        step (the fused AdamW of ssl.optim.factory): their gradients would be clipped while still
+        multiplied by the loss scale. Unscaling here also records the scaler's inf check, so its
+        `step` skips an overflow and its `update` lowers the scale as usual.
+        """
+        scaler = self.grad_scaler()
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
+
+    def step_is_finite(self, params: list[nn.Parameter]) -> bool:
+        """Whether this optimizer step's losses and gradients are finite on every rank.
+
+        One host sync per optimizer step; the flags are summed over ranks so all of them skip
+        together. Under an fp16 GradScaler, inf gradients with a finite loss are the scaler's
+        overflows (it skips them and lowers its scale): counted apart, never a reason to stop.
+        Raises `NonFiniteLossError` after too many consecutive failures.
+        """
+        loss_ok = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
+        self._loss_finite = None
+        grads_ok = all_finite(p.grad for p in params)
+        flags = torch.stack([~loss_ok.to(self.device), ~grads_ok.to(self.device)]).float()
+        bad_loss, bad_grads = (bool(v) for v in all_reduce_sum(flags).tolist())
+        if not (bad_loss or bad_grads):
+            return True
+        if bad_grads and not bad_loss and self.grad_scaler() is not None:
+            self.guard.overflow()
+        else:
+            self.guard.bad(self.global_step)
+        return False
 
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
     ) -> None:
-        """Set this step's lr / wd, step, then move the teacher (once per optimizer step)."""
+        """Set this step's lr / wd, step, then move the teacher (once per optimizer step).
+
+        The teacher stays put when the step was skipped (non-finite, or an fp16 scaler overflow).
+        """
         if self.schedules:
             lr, wd = self.scheduled("lr"), self.scheduled("weight_decay")
             for group in optimizer.param_groups:
                 group["lr"] = lr
                 if group.get("apply_weight_decay"):
                     group["weight_decay"] = wd
+        self._skip_step = False
         optimizer.step(closure=optimizer_closure)
-        if self.teacher is not None:
+        if self.teacher is not None and not self._skip_step:
             momentum = self.scheduled("momentum") if self.schedules else self.teacher.spec.momentum
             self.teacher.update(self.mirrored_by_teacher(), momentum)
 

@@ -15,6 +15,8 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ssl.backbones.factory import build_backbone, check_backbone_name, is_vit_name
@@ -28,6 +30,8 @@ from ssl.data.datasets import build_dataset
 from ssl.export import export_backbone
 from ssl.module import SSLModule
 from ssl.objectives import OBJECTIVES, build_objective
+from ssl.optim.nonfinite import NonFiniteLossError
+from ssl.redaction import redact, redact_overrides, redact_yaml_file
 from ssl.sharding import (
     STRATEGY_NAMES,
     BlockShardedStrategy,
@@ -65,7 +69,12 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
             "(the default is time-stamped), or remove the old one yourself."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(recorded_config(cfg)))
+
+
+def recorded_config(cfg: DictConfig) -> dict:
+    """The resolved config as a run records it (config.yaml, logger, checkpoints): secrets as ***."""
+    return redact(OmegaConf.to_container(cfg, resolve=True))
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
@@ -76,12 +85,14 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
     if name == "csv":
         return pl.loggers.CSVLogger(save_dir=str(run_dir), name="logs", version="")
     if name == "wandb":
+        if cfg.logger.get("api_key"):  # used from the environment, recorded nowhere
+            os.environ["WANDB_API_KEY"] = str(cfg.logger.api_key)
         logger = pl.loggers.WandbLogger(
             save_dir=str(run_dir), project=cfg.logger.project, entity=cfg.logger.entity,
             tags=list(cfg.logger.tags), group=cfg.logger.group, mode=cfg.logger.mode,
             log_model=cfg.logger.log_model,
         )
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(recorded_config(cfg))
         return logger
     raise ValueError(f"unknown logger '{name}'; valid: csv, wandb, none")
 
@@ -162,9 +173,11 @@ def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
     weights = {name: float(obj_cfg.get("weight", 1.0)) for name, obj_cfg in cfg.objective.items()}
     if cfg.get("trainer") is not None and cfg.trainer.get("sync_batchnorm") is None:
         cfg.trainer.sync_batchnorm = resolve_sync_batchnorm(cfg.trainer, objectives.values())
+    guard = cfg.get("guard") or {}
     return SSLModule(
         backbone, objectives, weights, cfg.optimizer, cfg.data.batch_size,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=recorded_config(cfg),
+        max_consecutive_nonfinite=guard.get("max_consecutive_nonfinite", 20),
     )
 
 
@@ -260,14 +273,30 @@ def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
     return result
 
 
+def redact_sweep_config() -> None:
+    """Hydra's multirun writes the whole config, secrets included, to <sweep dir>/multirun.yaml."""
+    if launched_as_worker_rank() or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        redact_yaml_file(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Pretrain with a composed config. Bad input exits with one message, not a traceback."""
+    """Pretrain with a composed config. Bad input exits with one message, not a traceback;
+    so does a run that diverged (exit status 3)."""
+    sys.argv[:] = redact_overrides(sys.argv)  # composed already; wandb records the command line
+    redact_sweep_config()
     try:
         prepared = prepare(cfg)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"ssl.pretrain: error: {error}", file=sys.stderr)
         sys.exit(2)
-    return fit(cfg, prepared)
+    try:
+        return fit(cfg, prepared)
+    except NonFiniteLossError as error:
+        print(f"ssl.pretrain: error: {error}", file=sys.stderr)
+        sys.exit(3)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from ssl.redaction import redact, redact_overrides
 
 
 def output_path(cfg: DictConfig, name: str) -> Path | None:
@@ -48,11 +51,12 @@ def publish(cfg: DictConfig, results: Mapping[str, Any], name: str) -> Path | No
     if settings.get("enabled", False):
         import wandb
 
+        sys.argv[:] = redact_overrides(sys.argv)  # wandb records the command line
         run = wandb.init(
             project=settings.get("project", "ssl"), entity=settings.get("entity"),
             mode=settings.get("mode", "offline"), job_type=f"eval-{name}",
             dir=str(path.parent) if path is not None else None,
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=redact(OmegaConf.to_container(cfg, resolve=True)),
         )
         metrics = flat_metrics(results, f"eval/{name}/")
         run.log(metrics)

@@ -142,7 +142,10 @@ class DINO(Objective):
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
             b = crops[0].shape[0]
             feature_std = F.normalize(student_features[:b].float(), dim=-1).std(dim=0).mean()
-            self.center.copy_(updated_center(self.center, teacher_logits, self.center_momentum))
+            # A non-finite teacher output (a corrupt batch on any rank: the sum is all-reduced)
+            # would poison the centre for good; keep the old one then (no host sync).
+            center = updated_center(self.center, teacher_logits, self.center_momentum)
+            self.center.copy_(torch.where(torch.isfinite(center).all(), center, self.center))
         metrics = {
             "teacher_temp": torch.tensor(temp),
             "teacher_entropy": entropy,
