@@ -26,7 +26,7 @@ from ssl.optim.clipping import clip_gradients
 from ssl.optim.factory import build_optimizer, default_no_weight_decay, split_weight_decay
 from ssl.optim.nonfinite import NonFiniteGuard, all_finite
 from ssl.optim.schedules import LR_SCHEDULES, cosine_schedule, frozen_then, momentum_schedule
-from ssl.sharding import average_replicated_gradients, is_sharded, shard_blocks
+from ssl.sharding import average_replicated_gradients, is_sharded, shard_modules, transformer_blocks
 from ssl.teacher import EMATeacher
 
 
@@ -84,11 +84,19 @@ class SSLModule(pl.LightningModule):
         self._skip_step = False
 
     def configure_model(self) -> None:
-        """`trainer.strategy=fsdp` (a device mesh from Lightning): shard the ViT blocks with FSDP2."""
+        """`trainer.strategy=fsdp` (a device mesh from Lightning): shard the blocks with FSDP2.
+
+        The student's blocks (backbone, then heads the objectives offer) and their teacher copies.
+        """
         if self.device_mesh is None or self.sharded:
             return
-        backbones = [self.backbone] + ([self.teacher["backbone"]] if self.teacher is not None else [])
-        shard_blocks(backbones, self.device_mesh, root=self)
+        blocks = transformer_blocks(self.backbone)
+        blocks += [block for objective in self.objectives.values() for block in objective.sharded_blocks()]
+        if self.teacher is not None:
+            wanted = {id(block) for block in blocks}
+            pairs = zip(self.mirrored_by_teacher().modules(), self.teacher.module.modules())
+            blocks += [copy for original, copy in pairs if id(original) in wanted]
+        shard_modules(blocks, self.device_mesh, root=self)
         self.sharded = True
 
     def mirrored_by_teacher(self) -> nn.ModuleDict:

@@ -81,27 +81,27 @@ def broadcast_from_rank0(module: nn.Module) -> None:
         tensor.data.copy_(moved)
 
 
-def shard_blocks(backbones: Iterable[nn.Module], mesh: Any, root: nn.Module) -> None:
-    """Broadcast `root` from rank 0, then make each block of each backbone an FSDP2 unit."""
+def shard_modules(modules: Iterable[nn.Module], mesh: Any, root: nn.Module) -> None:
+    """Broadcast `root` from rank 0, then make each of `modules` an FSDP2 unit.
+
+    Each must be used through its `forward` (FSDP2 gathers a unit's weights there).
+    """
     from torch.distributed.fsdp import fully_shard
 
-    backbones = list(backbones)
-    blocks = [transformer_blocks(b) for b in backbones]  # check every backbone before changing any
     broadcast_from_rank0(root)
-    for backbone_blocks in blocks:
-        for block in backbone_blocks:
-            fully_shard(block, mesh=mesh["data_parallel"])
-            block.register_forward_hook(reshard_after_forward)
+    for module in modules:
+        fully_shard(module, mesh=mesh["data_parallel"])
+        module.register_forward_hook(reshard_after_forward)
 
 
-def reshard_after_forward(block: nn.Module, inputs: Any, output: Any) -> None:
+def reshard_after_forward(module: nn.Module, inputs: Any, output: Any) -> None:
     """Free the gathered weights as soon as the block has run.
 
     Each block is its own FSDP2 root (no sharded parent), and FSDP2 keeps a root's weights
     gathered after forward. The student's backward gathers them again block by block; the
     teacher's blocks (no backward) would otherwise stay whole until the EMA update.
     """
-    block.reshard()
+    module.reshard()
 
 
 @torch.no_grad()

@@ -129,6 +129,10 @@ class Objective(nn.Module):
     def prepare_backbone(self, backbone: Backbone) -> None:
         """Adjust the student backbone once, before the teacher copies it (MAE: fixed positions)."""
 
+    def sharded_blocks(self) -> list[nn.Module]:
+        """Head blocks `trainer.strategy=fsdp` may shard like the backbone's (each called by forward)."""
+        return []
+
     def batch_maskers(self) -> list[BatchMasker]:
         """Mask generators the data module runs on every batch (their keys join the batch)."""
         return []

@@ -107,6 +107,10 @@ class DINO(Objective):
     def teacher_heads(self) -> nn.Module:
         return self.head
 
+    def sharded_blocks(self) -> list[nn.Module]:
+        """The head's MLP and its 65536-way last layer (ViT-B recipe: 23M parameters) shard under FSDP."""
+        return [self.head.mlp, self.head.last_layer]
+
     def teacher_temperature(self, epoch: int) -> float:
         """linspace(warmup, final, warmup_epochs) then constant, indexed by epoch."""
         schedule = warmup_constant_schedule(

@@ -129,6 +129,10 @@ class MAE(Objective):
     def view_spec(self) -> ViewSpec:
         return ViewSpec(plain_crops=1, plain_crop_scale=self.crop_scale)
 
+    def sharded_blocks(self) -> list[nn.Module]:
+        """The decoder's transformer blocks (ViT-B's decoder: 25M parameters) shard under FSDP."""
+        return list(self.decoder.blocks)
+
     def batch_maskers(self) -> list[BatchMasker]:
         return [RandomTokenMasker(self.num_tokens, self.mask_ratio, prefix=self.name)]
 
