@@ -25,7 +25,8 @@ from ssl.callbacks.online_linear import OnlineLinearProbe
 from ssl.callbacks.reconstructions import ReconstructionGrid, can_reconstruct
 from ssl.callbacks.rng_state import RNGStateCheckpoint
 from ssl.checkpointing.atomic_io import AtomicCheckpointIO, remove_partial_saves
-from ssl.checkpointing.resume import config_differences, latest_checkpoint
+from ssl.checkpointing.metrics_csv import csv_logger
+from ssl.checkpointing.resume import checkpoint_step, config_differences, latest_checkpoint
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.datasets import build_dataset
 from ssl.export import export_backbone
@@ -93,7 +94,8 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> Path | None:
                   file=sys.stderr)
         latest = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
         if latest is not None:
-            print(f"resuming the run in {run_dir} from {latest}", file=sys.stderr)
+            print(f"resuming the run in {run_dir} from {latest} (step {checkpoint_step(latest)})",
+                  file=sys.stderr)
             return latest
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -113,13 +115,13 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
+def build_logger(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> Any:
     """csv | wandb (offline unless logger.mode=online; one wandb run per run directory) | none."""
     name = cfg.logger.name
     if name == "none":
         return False
     if name == "csv":
-        return pl.loggers.CSVLogger(save_dir=str(run_dir), name="logs", version="")
+        return csv_logger(run_dir, resume_step if not launched_as_worker_rank() else None)
     if name == "wandb":
         logger = pl.loggers.WandbLogger(
             save_dir=str(run_dir), project=cfg.logger.project, entity=cfg.logger.entity,
@@ -160,14 +162,17 @@ def build_checkpointing(cfg: DictConfig, run_dir: Path) -> pl.callbacks.ModelChe
     )
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], resume_step: int | None = None
+) -> pl.Trainer:
+    """`resume_step`: the step an interrupted run in `run_dir` continues from (its logs are kept)."""
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_args.get("precision") is None:
         trainer_args["precision"] = default_precision()
     return pl.Trainer(
         **trainer_args,
         default_root_dir=str(run_dir),
-        logger=build_logger(cfg, run_dir),
+        logger=build_logger(cfg, run_dir, resume_step),
         callbacks=[build_checkpointing(cfg, run_dir), RNGStateCheckpoint(), *callbacks],
         plugins=[AtomicCheckpointIO()],
     )
@@ -286,7 +291,8 @@ def prepare(cfg: DictConfig) -> PreparedRun:
             dataset, cfg.dataset, run_dir / "attention", cfg.attention_maps.every_n_epochs,
             cfg.attention_maps.num_images, cfg.attention_maps.keep,
         ))
-    trainer = build_trainer(cfg, run_dir, callbacks)
+    in_place = resume is not None and resume.parent == run_dir / "checkpoints"
+    trainer = build_trainer(cfg, run_dir, callbacks, checkpoint_step(resume) if in_place else None)
     return PreparedRun(module, data, trainer, knn, resume)
 
 
