@@ -7,6 +7,7 @@ directory) is checked before the first batch, each failure with one message sayi
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import warnings
 from dataclasses import dataclass
@@ -107,9 +108,7 @@ def wandb_run_id(run_dir: Path) -> str:
     path = run_dir / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = secrets.token_hex(4)  # wandb ids: letters and digits
     if not launched_as_worker_rank():
         path.write_text(run_id + "\n")
     return run_id
