@@ -106,14 +106,18 @@ def test_latest_checkpoint_prefers_the_most_steps(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist")
 def test_pretraining_killed_while_writing_last_ckpt_resumes_from_the_newest_whole_one(tmp_path: Path) -> None:
-    """Saves of a run checkpointing every 2 steps: step2 file, last@2, step4 file, last@4 (killed)."""
+    """Saves of a run checkpointing every 2 steps: step2 file, last@2, step4 file, last@4 (killed).
+
+    The restart resumes from the step-4 file, newer than the surviving last.ckpt, and keeps the last 2.
+    """
     run_dir = tmp_path / "run"
     args = [
         "objective=dino", "backbone=vit_t", "+backbone.kwargs.depth=2", "objective.dino.out_dim=256",
         "objective.dino.hidden_dim=128", "objective.dino.local_crops=2", "data.batch_size=16",
         "data.num_workers=0", "trainer.limit_train_batches=6", "trainer.max_epochs=1", "knn.enabled=false",
         "export.enabled=false", "attention_maps.enabled=false", "trainer.enable_model_summary=false",
-        "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=2", f"hydra.run.dir={run_dir}",
+        "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=2", "checkpoint.keep_last=2",
+        f"hydra.run.dir={run_dir}",
     ]
     out = run_script("""
         from ssl.pretrain import main
@@ -134,3 +138,6 @@ def test_pretraining_killed_while_writing_last_ckpt_resumes_from_the_newest_whol
     assert "epoch000-step0000004.ckpt (step 4)" in out.stderr  # newer than the surviving last.ckpt
     assert not list(ckpts.glob("*.tmp-*"))
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 6
+    # keep_last=2: the two newest periodic checkpoints, and last.ckpt.
+    kept = sorted(p.name for p in ckpts.iterdir())
+    assert kept == ["epoch000-step0000004.ckpt", "epoch000-step0000006.ckpt", "last.ckpt"], kept
