@@ -58,16 +58,22 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def run_until_file_then_kill(cmd: list[str], target: Path, log: Path, timeout: float = 300) -> None:
-    """Start `cmd`, poll for `target` (written atomically: complete once it exists), SIGKILL."""
+    """Start `cmd`, poll for `target` (written atomically: complete once it exists), SIGKILL.
+
+    The run gets its own process group and the whole group is killed: a DDP run's other ranks too.
+    """
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=ENV)
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=ENV,
+                                start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not target.exists():
-            assert proc.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, f"no {target.name} after {timeout}s"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        try:
+            while not target.exists():
+                assert proc.poll() is None, log.read_text()[-4000:]
+                assert time.monotonic() < deadline, f"no {target.name} after {timeout}s"
+                time.sleep(0.01)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
 
@@ -118,6 +124,24 @@ def test_sigkill_mid_epoch_then_same_command_ends_bit_identical(
     assert steps_lost == 0
     assert diff == 0.0
     assert not list((b_dir / "checkpoints").glob("*.tmp-*"))
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_run_killed_mid_epoch_resumes_bit_identical(tmp_path: Path) -> None:
+    """2 CPU ranks (gloo): each rank's sampler shard position and RNG states come back."""
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=8"]
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    run([*command("dino", a_dir, 0), *ddp])
+    cmd = [*command("dino", b_dir, 0), *ddp]
+    run_until_file_then_kill(cmd, b_dir / "checkpoints" / "epoch001-step0000008.ckpt", tmp_path / "b1.log")
+    out = run(cmd)
+    assert "(step 8)" in out.stderr or "(step 10)" in out.stderr, out.stderr[-3000:]
+    a = torch.load(a_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(b_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    diff = max_abs_difference(a, b)
+    print(f"2-rank DDP dino: max abs diff vs uninterrupted {diff}")
+    assert a["global_step"] == b["global_step"] == 12 and len(b["rng_states"]) == 2
+    assert diff == 0.0
 
 
 def test_a_changed_config_in_the_same_run_directory_is_refused_with_the_differences(tmp_path: Path) -> None:
