@@ -101,6 +101,8 @@ def test_latest_checkpoint_prefers_the_most_steps(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path).name == "epoch001-step0000006.ckpt"
     atomic_torch_save({"global_step": 6}, tmp_path / "last.ckpt")
     assert latest_checkpoint(tmp_path).name == "last.ckpt"
+    (tmp_path / "last.ckpt").write_bytes(b"PK\x03\x04 cut short")  # as a non-atomic writer could leave it
+    assert latest_checkpoint(tmp_path).name == "epoch001-step0000006.ckpt"
 
 
 @pytest.mark.slow

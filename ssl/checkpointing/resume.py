@@ -8,6 +8,7 @@ never mixes two runs.
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,21 @@ def checkpoint_step(path: Path) -> int:
     return int(ckpt.get("global_step", -1))
 
 
+def readable_step(path: Path) -> int | None:
+    """`checkpoint_step`, or None for a file that does not load (cut short by a non-atomic writer)."""
+    try:
+        return checkpoint_step(path)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError):
+        return None
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     """The checkpoint with the most steps in `directory`; last.ckpt wins ties (it is saved last)."""
-    candidates = [p for p in Path(directory).glob("*.ckpt") if p.is_file()]
+    steps = {p: readable_step(p) for p in Path(directory).glob("*.ckpt") if p.is_file()}
+    candidates = [p for p, step in steps.items() if step is not None]
     if not candidates:
         return None
-    return max(candidates, key=lambda p: (checkpoint_step(p), p.name == "last.ckpt"))
+    return max(candidates, key=lambda p: (steps[p], p.name == "last.ckpt"))
 
 
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
