@@ -98,6 +98,7 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> Path | None:
             print(f"resuming the run in {run_dir} from {latest} (step {checkpoint_step(latest)})",
                   file=sys.stderr)
             return latest
+        print(f"restarting the run in {run_dir} from the start: it wrote no checkpoint", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return Path(cfg.resume) if cfg.get("resume") else None
