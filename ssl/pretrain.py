@@ -7,7 +7,9 @@ directory) is checked before the first batch, each failure with one message sayi
 from __future__ import annotations
 
 import os
+import secrets
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,11 @@ from ssl.callbacks.attention_maps import AttentionMaps
 from ssl.callbacks.online_knn import OnlineKNN
 from ssl.callbacks.online_linear import OnlineLinearProbe
 from ssl.callbacks.reconstructions import ReconstructionGrid, can_reconstruct
+from ssl.callbacks.rng_state import RNGStateCheckpoint
 from ssl.callbacks.skipped_images import SkippedImages
+from ssl.checkpointing.atomic_io import AtomicCheckpointIO, remove_partial_saves
+from ssl.checkpointing.metrics_csv import csv_logger
+from ssl.checkpointing.resume import checkpoint_step, config_differences, latest_checkpoint
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.datasets import build_dataset
 from ssl.export import export_backbone
@@ -42,6 +48,10 @@ from ssl.sharding import (
 from ssl.visualize.attention import has_cls_attention
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+WANDB_ID_FILE = "wandb_run_id"
+# PretrainDataModule saves and restores its position inside an epoch itself (ResumableSampler),
+# which Lightning's check for a stateful DataLoader cannot see.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
 
 class RunDirectoryInUseError(FileExistsError):
@@ -59,17 +69,52 @@ def launched_as_worker_rank() -> bool:
     return False
 
 
-def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
-    """Create the run directory and write the resolved config, refusing to reuse an old run."""
-    if launched_as_worker_rank():
-        return
-    if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
-        raise RunDirectoryInUseError(
-            f"{run_dir} already holds a run. Choose a new directory with hydra.run.dir=<path> "
-            "(the default is time-stamped), or remove the old one yourself."
-        )
+def resolved_config(cfg: DictConfig) -> dict:
+    """The config as config.yaml records it (resolved, secrets redacted, through YAML, so both
+    sides compare alike)."""
+    return OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(recorded_config(cfg))))
+
+
+def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> Path | None:
+    """Create the run directory and write the resolved config; returns the checkpoint to resume.
+
+    A directory that already holds a run is reused only by the same config (`resume` aside): the
+    same command restarted after a crash continues from the newest checkpoint there. Any other
+    config is refused with the keys that differ; a new run never overwrites an old one.
+    """
+    checkpoints = run_dir / "checkpoints"
+    if launched_as_worker_rank():  # rank 0 has checked the directory; follow its choice
+        latest = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
+        return latest or (Path(cfg.resume) if cfg.get("resume") else None)
+    if (run_dir / "config.yaml").exists() or checkpoints.exists():
+        if not (run_dir / "config.yaml").exists():
+            raise RunDirectoryInUseError(
+                f"{run_dir} already holds a run (checkpoints without a config.yaml). Choose a new "
+                "directory with hydra.run.dir=<path>, or remove the old one yourself."
+            )
+        old = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+        differences = config_differences(old, resolved_config(cfg))
+        if differences:
+            shown = "; ".join(differences[:12]) + ("; ..." if len(differences) > 12 else "")
+            raise RunDirectoryInUseError(
+                f"{run_dir} already holds a run with a different config ({shown}). Restart it with the "
+                "same command to resume it, choose a new directory with hydra.run.dir=<path> (the "
+                "default is time-stamped; resume=<checkpoint> starts from another run's weights), "
+                "or remove the old one yourself."
+            )
+        removed = remove_partial_saves(checkpoints)
+        if removed:
+            print(f"removed {len(removed)} partial file(s) of an interrupted checkpoint save",
+                  file=sys.stderr)
+        latest = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
+        if latest is not None:
+            print(f"resuming the run in {run_dir} from {latest} (step {checkpoint_step(latest)})",
+                  file=sys.stderr)
+            return latest
+        print(f"restarting the run in {run_dir} from the start: it wrote no checkpoint", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(recorded_config(cfg)))
+    return Path(cfg.resume) if cfg.get("resume") else None
 
 
 def recorded_config(cfg: DictConfig) -> dict:
@@ -77,20 +122,31 @@ def recorded_config(cfg: DictConfig) -> dict:
     return redact(OmegaConf.to_container(cfg, resolve=True))
 
 
-def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
-    """csv | wandb (offline unless logger.mode=online) | none."""
+def wandb_run_id(run_dir: Path) -> str:
+    """The run directory's wandb run id (created once): a resumed run logs into the same wandb run."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # wandb ids: letters and digits
+    if not launched_as_worker_rank():
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> Any:
+    """csv | wandb (offline unless logger.mode=online; one wandb run per run directory) | none."""
     name = cfg.logger.name
     if name == "none":
         return False
     if name == "csv":
-        return pl.loggers.CSVLogger(save_dir=str(run_dir), name="logs", version="")
+        return csv_logger(run_dir, resume_step if not launched_as_worker_rank() else None)
     if name == "wandb":
         if cfg.logger.get("api_key"):  # used from the environment, recorded nowhere
             os.environ["WANDB_API_KEY"] = str(cfg.logger.api_key)
         logger = pl.loggers.WandbLogger(
             save_dir=str(run_dir), project=cfg.logger.project, entity=cfg.logger.entity,
             tags=list(cfg.logger.tags), group=cfg.logger.group, mode=cfg.logger.mode,
-            log_model=cfg.logger.log_model,
+            log_model=cfg.logger.log_model, id=wandb_run_id(run_dir), resume="allow",
         )
         logger.log_hyperparams(recorded_config(cfg))
         return logger
@@ -104,26 +160,43 @@ def default_precision() -> str:
     return "32-true"
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
+def build_checkpointing(cfg: DictConfig, run_dir: Path) -> pl.callbacks.ModelCheckpoint:
+    """Periodic checkpoints (every N epochs, or every N steps when set) plus last.ckpt.
+
+    `checkpoint.keep_last`: how many periodic files to keep (the newest by step; null keeps all);
+    last.ckpt is rewritten at every save and at each epoch end, and is always kept.
+    """
+    settings = cfg.checkpoint
+    every_steps = settings.get("every_n_train_steps")
+    keep = settings.get("keep_last")
+    return pl.callbacks.ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        filename="epoch{epoch:03d}-step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_epochs=None if every_steps else settings.every_n_epochs,
+        every_n_train_steps=every_steps,
+        monitor="step",
+        mode="max",
+        save_top_k=-1 if keep is None else int(keep),
+        save_last=True,
+    )
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], resume_step: int | None = None
+) -> pl.Trainer:
+    """`resume_step`: the step an interrupted run in `run_dir` continues from (its logs are kept)."""
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_args.get("precision") is None:
         trainer_args["precision"] = default_precision()
     if trainer_args.get("strategy") in STRATEGY_NAMES:
         trainer_args["strategy"] = BlockShardedStrategy()
-    checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"),
-        filename="epoch{epoch:03d}-step{step:07d}",
-        auto_insert_metric_name=False,
-        every_n_epochs=cfg.checkpoint.every_n_epochs,
-        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
-        save_top_k=-1,
-        save_last=True,
-    )
     return pl.Trainer(
         **trainer_args,
         default_root_dir=str(run_dir),
-        logger=build_logger(cfg, run_dir),
-        callbacks=[checkpoint, *callbacks],
+        logger=build_logger(cfg, run_dir, resume_step),
+        callbacks=[build_checkpointing(cfg, run_dir), RNGStateCheckpoint(), *callbacks],
+        plugins=[AtomicCheckpointIO()],
     )
 
 
@@ -203,6 +276,7 @@ class PreparedRun:
     data: PretrainDataModule
     trainer: pl.Trainer
     knn: OnlineKNN | None
+    resume: Path | None = None  # the checkpoint to continue from (auto-resume or `resume=`)
 
 
 def prepare(cfg: DictConfig) -> PreparedRun:
@@ -218,9 +292,11 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
     maskers = [m for o in module.objectives.values() for m in o.batch_maskers()]
     data = PretrainDataModule(
-        cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset, maskers=maskers
+        cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset, maskers=maskers,
+        seed=cfg.seed,
     )
-    prepare_run_dir(run_dir, cfg)  # only once every check has passed: a failed start leaves no run
+    # Only once every check has passed: a failed start leaves no run.
+    resume = prepare_run_dir(run_dir, cfg)
     knn = None
     eval_sets = OnlineKNN.labelled_eval_sets(cfg.dataset) if cfg.knn.enabled else None
     if eval_sets is not None:
@@ -246,14 +322,16 @@ def prepare(cfg: DictConfig) -> PreparedRun:
             dataset, cfg.dataset, run_dir / "attention", cfg.attention_maps.every_n_epochs,
             cfg.attention_maps.num_images, cfg.attention_maps.keep,
         ))
-    trainer = build_trainer(cfg, run_dir, callbacks)
-    return PreparedRun(module, data, trainer, knn)
+    in_place = resume is not None and resume.parent == run_dir / "checkpoints"
+    trainer = build_trainer(cfg, run_dir, callbacks, checkpoint_step(resume) if in_place else None)
+    return PreparedRun(module, data, trainer, knn, resume)
 
 
 def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
     """Train, export the backbone, report the final k-NN; returns paths and numbers."""
     module, trainer, knn = prepared.module, prepared.trainer, prepared.knn
-    trainer.fit(module, datamodule=prepared.data, ckpt_path=cfg.get("resume"))
+    resume = str(prepared.resume) if prepared.resume is not None else None
+    trainer.fit(module, datamodule=prepared.data, ckpt_path=resume)
     run_dir = Path(cfg.run_dir)
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     if cfg.export.enabled:

@@ -84,11 +84,12 @@ def test_knn_eval_of_checkpoint_and_export(pretrained_run, tmp_path: Path) -> No
 
 
 def test_a_new_run_never_clobbers_an_old_run_directory(pretrained_run) -> None:
+    """Another config in the same directory is refused (the same config resumes: test_resume_exact)."""
     run_dir, _ = pretrained_run
     before = (run_dir / "config.yaml").read_text()
     out = run(["ssl.pretrain", *TINY, f"hydra.run.dir={run_dir}", "seed=1"])
     assert out.returncode != 0
-    assert "already holds a run" in out.stderr
+    assert "already holds a run with a different config (seed: 0 -> 1)" in out.stderr
     assert (run_dir / "config.yaml").read_text() == before
 
 

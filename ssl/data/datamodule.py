@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ssl.data.datasets import UnreadableImageError, build_dataset, next_readable
+from ssl.data.resumable_sampler import ResumableSampler
 from ssl.data.views import (
     CROP_RECIPES,
     MultiCropTransform,
@@ -18,6 +20,8 @@ from ssl.data.views import (
     eval_transform,
 )
 from ssl.objectives.base import BatchMasker, IncompatibleConfigError, ViewSpec
+
+SEED_KEY = "_sample_seed"  # travels from a seeded sample to the collate step, never into the batch
 
 
 class TransformedDataset(Dataset):
@@ -36,6 +40,10 @@ class TransformedDataset(Dataset):
     the sample is a marker without "index" that `collate_readable` leaves out, so features and
     labels are never duplicated and stay aligned. Only the file the sampler asked for is reported,
     so each broken file counts once per epoch however many neighbours were tried.
+
+    An `(index, seed)` pair (from ResumableSampler) runs the transform under a private torch RNG
+    seeded with `seed`, and the sample carries the seed for the collate step's masks: the
+    augmentations then depend on (seed, epoch, index) only, not on the worker or the process's RNG.
     """
 
     def __init__(
@@ -51,7 +59,16 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(index, tuple):
+            index, seed = index
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                sample = self.load(index)
+            return {**sample, SEED_KEY: seed}
+        return self.load(index)
+
+    def load(self, index: int) -> dict[str, Any]:
         unreadable: list[tuple[str, str]] = []
         try:
             image, label = self.dataset[index]
@@ -160,18 +177,24 @@ def check_crop_sizes(views: ViewSpec, dataset_cfg: Any) -> None:
 class MaskingCollate:
     """`default_collate`, then each masker adds its per-sample masks for the whole batch.
 
-    Runs inside the DataLoader workers, so masks cost the training step nothing and use the
-    worker's seeded RNG (different on every rank and worker, reproducible from the seed).
+    Runs inside the DataLoader workers, so masks cost the training step nothing. Samples seeded by
+    ResumableSampler seed the masks' generator from their seeds, so a batch's masks depend on
+    which samples it holds only (exact resume); otherwise the worker's seeded RNG is used.
     """
 
     def __init__(self, maskers: Sequence[BatchMasker]) -> None:
         self.maskers = list(maskers)
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        seeds = [s.pop(SEED_KEY) for s in samples if SEED_KEY in s]
+        generator = None
+        if seeds and len(seeds) == len(samples):
+            mixed = np.random.SeedSequence([s & 0xFFFFFFFF for s in seeds]).generate_state(2, np.uint32)
+            generator = torch.Generator().manual_seed((int(mixed[0]) << 32) | int(mixed[1]))
         batch = collate_readable(samples)  # batch["unreadable"]: the files skipped in this batch
         size = len(batch["index"])
         for masker in self.maskers:
-            batch.update(masker(size))
+            batch.update(masker(size, generator))
         return batch
 
 
@@ -186,11 +209,12 @@ class PretrainDataModule(pl.LightningDataModule):
         num_workers: int,
         dataset: Dataset | None = None,
         maskers: Sequence[BatchMasker] = (),
+        seed: int = 0,
     ) -> None:
         """`dataset`: the already built "pretrain" split, so a folder is not scanned twice.
 
         `maskers`: the objectives' per-batch mask generators (MAE token masks, MFM frequency
-        masks), run in the collate step.
+        masks), run in the collate step. `seed`: the sample order and augmentations of every epoch.
         """
         super().__init__()
         if int(batch_size) < 1:
@@ -205,7 +229,10 @@ class PretrainDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.dataset = dataset
         self.collate = MaskingCollate(maskers)
+        self.seed = int(seed)
         self.train_set: Dataset | None = None
+        self.sampler: ResumableSampler | None = None
+        self.resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def transform(self) -> PretrainViews:
         cfg, views = self.dataset_cfg, self.views
@@ -231,16 +258,42 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self.sampler = ResumableSampler(len(self.train_set), world, rank, seed=self.seed)
+        if self.resume_position is not None:
+            epoch, batches_done = self.resume_position
+            self.sampler.resume_at(epoch, batches_done * self.batch_size)
+            self.resume_position = None
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=self.sampler,
             drop_last=len(self.train_set) >= self.batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate,
+            # Worker base seeds come from this generator, not the global RNG the training step uses,
+            # so creating an iterator (again after a resume) leaves the step's randomness alone.
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the sample order: saved in every checkpoint."""
+        trainer = self.trainer
+        if trainer is None or self.sampler is None:
+            return {}
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        epoch = int(trainer.current_epoch)
+        if done >= trainer.num_training_batches:  # the epoch is over: the next one starts at 0
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done, "batch_size": int(self.batch_size)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The next train loader continues the saved epoch's permutation after its done batches."""
+        if state:
+            self.resume_position = (int(state["epoch"]), int(state["batches_done"]))
 
 
 def evenly_spaced_images(

@@ -1,0 +1,185 @@
+"""SIGKILL a pretraining run mid-epoch, restart the same command: it ends where an uninterrupted run ends.
+
+Run A trains 2 epochs x 6 steps uninterrupted. Run B (same config, another run directory, another
+worker count) is killed as soon as its step-8 checkpoint (2 batches into epoch 1) is on disk, then
+restarted with the same command: it resumes from the newest checkpoint by itself, and its final
+weights and optimizer state equal A's exactly (max abs difference 0.0 on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FASHION_MNIST_DIR, REPO_ROOT
+
+from ssl.checkpointing.metrics_csv import read_rows_up_to
+from ssl.checkpointing.resume import config_differences
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"),
+]
+
+COMMON = [
+    "data.batch_size=16", "trainer.limit_train_batches=6", "trainer.max_epochs=2", "knn.enabled=false",
+    "export.enabled=false", "attention_maps.enabled=false", "reconstructions.enabled=false",
+    "trainer.enable_model_summary=false", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+    "checkpoint.every_n_train_steps=2",
+]
+OBJECTIVES = {
+    # DINO: EMA teacher, centre, stochastic depth 0.1 (the global RNG inside the step), multi-crop.
+    "dino": ["objective=dino", "backbone=vit_t", "+backbone.kwargs.depth=2", "objective.dino.out_dim=256",
+             "objective.dino.hidden_dim=128", "objective.dino.local_crops=2"],
+    # MAE: masks drawn in the collate step.
+    "mae": ["objective=mae", "backbone=vit_t", "+backbone.kwargs.depth=2", "objective.mae.decoder_depth=1"],
+    # CoKe: label memory, centres and duals (objective state outside the optimizer).
+    "coke": ["objective=coke", "backbone=resnet18", "objective.coke.num_clusters=[8,12]"],
+}
+ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def command(objective: str, run_dir: Path, workers: int) -> list[str]:
+    return [sys.executable, "-m", "ssl.pretrain", *OBJECTIVES[objective], *COMMON,
+            f"data.num_workers={workers}", f"hydra.run.dir={run_dir}"]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def run_until_file_then_kill(cmd: list[str], target: Path, log: Path, timeout: float = 300) -> None:
+    """Start `cmd`, poll for `target` (written atomically: complete once it exists), SIGKILL.
+
+    The run gets its own process group and the whole group is killed: a DDP run's other ranks too.
+    """
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=ENV,
+                                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while not target.exists():
+                assert proc.poll() is None, log.read_text()[-4000:]
+                assert time.monotonic() < deadline, f"no {target.name} after {timeout}s"
+                time.sleep(0.01)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def step_of(name: str) -> int:
+    match = re.search(r"step(\d+)", name)
+    return int(match.group(1)) if match else -1
+
+
+def tensors(ckpt: dict) -> dict[str, torch.Tensor]:
+    """Model weights, buffers (teacher, objective state) and optimizer state, flattened."""
+    flat = {f"model/{k}": v for k, v in ckpt["state_dict"].items()}
+    for i, opt in enumerate(ckpt["optimizer_states"]):
+        for pid, state in opt["state"].items():
+            flat.update({f"optim{i}/{pid}/{k}": v for k, v in state.items() if torch.is_tensor(v)})
+    return flat
+
+
+def max_abs_difference(a: dict, b: dict) -> float:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    return max((ta[k].double() - tb[k].double()).abs().max().item() if ta[k].numel() else 0.0 for k in ta)
+
+
+@pytest.mark.parametrize(
+    ("objective", "workers_a", "workers_b"), [("dino", 0, 2), ("mae", 2, 0), ("coke", 0, 0)]
+)
+def test_sigkill_mid_epoch_then_same_command_ends_bit_identical(
+    tmp_path: Path, objective: str, workers_a: int, workers_b: int
+) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    run(command(objective, a_dir, workers_a))
+
+    cmd = command(objective, b_dir, workers_b)
+    run_until_file_then_kill(cmd, b_dir / "checkpoints" / "epoch001-step0000008.ckpt", tmp_path / "b1.log")
+    on_disk = [p.name for p in (b_dir / "checkpoints").glob("*.ckpt")]
+    newest = max(step_of(n) for n in on_disk)
+    out = run(cmd)  # the same command: auto-resume
+    resumed = re.search(r"resuming the run in .* \(step (\d+)\)", out.stderr)
+    assert resumed, out.stderr[-3000:]
+    steps_lost = newest - int(resumed.group(1))  # steps before the newest checkpoint done again
+
+    a = torch.load(a_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(b_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    diff = max_abs_difference(a, b)
+    print(f"{objective}: resumed at step {resumed.group(1)} (newest checkpoint on disk: step {newest}, "
+          f"steps lost {steps_lost}); max abs diff vs uninterrupted {diff}")
+    assert a["global_step"] == b["global_step"] == 12
+    assert steps_lost == 0
+    assert diff == 0.0
+    assert not list((b_dir / "checkpoints").glob("*.tmp-*"))
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_run_killed_mid_epoch_resumes_bit_identical(tmp_path: Path) -> None:
+    """2 CPU ranks (gloo): each rank's sampler shard position and RNG states come back."""
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=8"]
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    run([*command("dino", a_dir, 0), *ddp])
+    cmd = [*command("dino", b_dir, 0), *ddp]
+    run_until_file_then_kill(cmd, b_dir / "checkpoints" / "epoch001-step0000008.ckpt", tmp_path / "b1.log")
+    out = run(cmd)
+    assert "(step 8)" in out.stderr or "(step 10)" in out.stderr, out.stderr[-3000:]
+    a = torch.load(a_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(b_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    diff = max_abs_difference(a, b)
+    print(f"2-rank DDP dino: max abs diff vs uninterrupted {diff}")
+    assert a["global_step"] == b["global_step"] == 12 and len(b["rng_states"]) == 2
+    assert diff == 0.0
+
+
+def test_a_changed_config_in_the_same_run_directory_is_refused_with_the_differences(tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    base = command("dino", run_dir, 0)
+    run([*base, "trainer.max_epochs=1", "trainer.limit_train_batches=2"])
+    before = (run_dir / "config.yaml").read_text()
+    out = subprocess.run([*base, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "optimizer.lr=0.5"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert out.returncode == 2
+    assert "already holds a run with a different config" in out.stderr
+    assert "optimizer.lr: 0.0005 -> 0.5" in out.stderr
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_a_resumed_wandb_run_keeps_its_run_id(tmp_path: Path) -> None:
+    """Offline wandb: the restarted command logs into the same wandb run (id kept in the run dir)."""
+    run_dir = tmp_path / "w"
+    cmd = [*command("dino", run_dir, 0), "logger=wandb"]
+    run_until_file_then_kill(cmd, run_dir / "checkpoints" / "epoch000-step0000002.ckpt", tmp_path / "w1.log")
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    first = {p.name for p in (run_dir / "wandb").glob("offline-run-*")}
+    run(cmd)
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert runs and all(name.endswith(f"-{run_id}") for name in runs), (run_id, runs)
+    assert first <= set(runs)
+
+
+def test_config_differences_names_each_changed_leaf_and_ignores_resume() -> None:
+    old = {"seed": 0, "resume": None, "optimizer": {"lr": 1.0, "betas": [0.9, 0.95]}, "a": 1}
+    new = {"seed": 0, "resume": "x.ckpt", "optimizer": {"lr": 2.0, "betas": [0.9, 0.95]}, "b": 2}
+    expected = ["a: 1 -> (absent)", "b: (absent) -> 2", "optimizer.lr: 1.0 -> 2.0"]
+    assert config_differences(old, new) == expected
+    assert config_differences(old, {**old, "resume": "y"}) == []
+
+
+def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,train/loss\n0,1,5.0\n0,2,4.0\n0,3,3.0\n")
+    header, rows = read_rows_up_to(path, 2)
+    assert header == ["epoch", "step", "train/loss"] and [r["step"] for r in rows] == ["1", "2"]
