@@ -30,6 +30,7 @@ from ssl.callbacks.rng_state import RNGStateCheckpoint
 from ssl.callbacks.skipped_images import SkippedImages
 from ssl.checkpointing.atomic_io import AtomicCheckpointIO, remove_partial_saves
 from ssl.checkpointing.metrics_csv import csv_logger
+from ssl.checkpointing.pruning import PrunedCheckpoints
 from ssl.checkpointing.resume import checkpoint_step, config_differences, latest_checkpoint
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.datasets import build_dataset
@@ -160,7 +161,7 @@ def default_precision() -> str:
     return "32-true"
 
 
-def build_checkpointing(cfg: DictConfig, run_dir: Path) -> pl.callbacks.ModelCheckpoint:
+def build_checkpointing(cfg: DictConfig, run_dir: Path) -> PrunedCheckpoints:
     """Periodic checkpoints (every N epochs, or every N steps when set) plus last.ckpt.
 
     `checkpoint.keep_last`: how many periodic files to keep (the newest by step; null keeps all);
@@ -169,7 +170,7 @@ def build_checkpointing(cfg: DictConfig, run_dir: Path) -> pl.callbacks.ModelChe
     settings = cfg.checkpoint
     every_steps = settings.get("every_n_train_steps")
     keep = settings.get("keep_last")
-    return pl.callbacks.ModelCheckpoint(
+    return PrunedCheckpoints(
         dirpath=str(run_dir / "checkpoints"),
         filename="epoch{epoch:03d}-step{step:07d}",
         auto_insert_metric_name=False,
