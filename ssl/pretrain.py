@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from ssl.backbones.acceleration import compile_backbone, use_channels_last, wants_channels_last
 from ssl.backbones.factory import build_backbone, check_backbone_name, is_vit_name
 from ssl.callbacks.attention_maps import AttentionMaps
 from ssl.callbacks.online_knn import OnlineKNN
@@ -240,6 +241,8 @@ def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
     resolve_drop_path_rate(cfg)
     resolve_num_samples(cfg, num_samples)
     backbone = build_backbone(cfg.backbone)
+    if wants_channels_last(cfg.backbone.get("channels_last", "auto"), backbone):
+        use_channels_last(backbone)  # before the teacher copies it
     objectives = {
         name: build_objective(name, obj_cfg, backbone)
         for name, obj_cfg in cfg.objective.items()
@@ -248,11 +251,15 @@ def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
     if cfg.get("trainer") is not None and cfg.trainer.get("sync_batchnorm") is None:
         cfg.trainer.sync_batchnorm = resolve_sync_batchnorm(cfg.trainer, objectives.values())
     guard = cfg.get("guard") or {}
-    return SSLModule(
+    module = SSLModule(
         backbone, objectives, weights, cfg.optimizer, cfg.data.batch_size,
         config=recorded_config(cfg),
         max_consecutive_nonfinite=guard.get("max_consecutive_nonfinite", 20),
     )
+    if cfg.backbone.get("compile"):  # after the teacher's copy: each backbone compiles its own
+        for net in {id(b): b for b in (module.backbone, module.eval_backbone("teacher"))}.values():
+            compile_backbone(net)
+    return module
 
 
 def build_online_linear(cfg: DictConfig, module: SSLModule, eval_sets: tuple | None) -> OnlineLinearProbe:

@@ -38,3 +38,21 @@ def test_bad_config_exits_2_with_advice_and_no_run(
     assert out.returncode == 2, out.stderr[-3000:]
     assert message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_unlabelled_folder_given_to_a_labelled_evaluation_says_so(tmp_path: Path) -> None:
+    """Images straight under the root (no class folders) have no labels: k-NN and the linear
+    probe refuse them with the split and the purpose named."""
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from ssl.eval.encoder import labelled_splits
+
+    for root in ("train", "test"):
+        (tmp_path / root).mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 100, 0, 0)).save(tmp_path / root / f"{i}.png")
+    cfg = OmegaConf.create({"name": "imagefolder", "root": str(tmp_path / "train"),
+                            "test_root": str(tmp_path / "test")})
+    with pytest.raises(ValueError, match="the train split of imagefolder has no labels: k-NN needs them"):
+        labelled_splits(cfg, "k-NN")

@@ -31,10 +31,13 @@ class ConvNetBackbone(Backbone):
         self.timm_name = timm_name
         self.timm_kwargs = dict(timm_kwargs)
         self.embed_dim = model.num_features
+        self.channels_last = False  # set by ssl.backbones.acceleration.use_channels_last
 
     def forward_features(
         self, images: torch.Tensor, return_blocks: bool = False
     ) -> BackboneFeatures:
+        if self.channels_last:  # backbone.channels_last: NHWC weights want NHWC inputs
+            images = images.contiguous(memory_format=torch.channels_last)
         feats = self.model.forward_features(images)
         global_vector = self.model.forward_head(feats, pre_logits=True)
         if feats.ndim == 4:
