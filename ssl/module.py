@@ -94,7 +94,7 @@ def objective_groups(name: str, objective: Objective, settings: HeadOptim) -> li
         group["objective"] = name
         group["lr_scale"] = settings.lr_scale
         if group["apply_weight_decay"] and settings.weight_decay is not None:
-            group["apply_weight_decay"] = False
+            group["fixed_weight_decay"] = True  # still decayed (LARS adapts it), not scheduled
             group["weight_decay"] = settings.weight_decay
     return groups
 
@@ -353,7 +353,7 @@ class SSLModule(pl.LightningModule):
             lr, wd = self.scheduled("lr"), self.scheduled("weight_decay")
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-                if group.get("apply_weight_decay"):
+                if group.get("apply_weight_decay") and not group.get("fixed_weight_decay"):
                     group["weight_decay"] = wd
         self._skip_step = False
         optimizer.step(closure=optimizer_closure)

@@ -223,7 +223,8 @@ def test_state_and_per_objective_optimiser_groups_survive_resume(tmp_path: Path)
     groups = trainer.optimizers[0].param_groups
     backbone = next(g for g in groups if "objective" not in g and g["apply_weight_decay"])
     dino = next(g for g in groups if g.get("objective") == "dino" and g["apply_weight_decay"])
-    mfm = next(g for g in groups if g.get("objective") == "mfm" and g["params"][0].ndim > 1)
+    mfm = next(g for g in groups if g.get("objective") == "mfm" and g["apply_weight_decay"])
+    assert mfm["fixed_weight_decay"] and mfm["params"][0].ndim > 1
     assert mfm["lr"] == pytest.approx(0.5 * backbone["lr"]) and backbone["lr"] > 0
     last_step_wd = float(module.schedules["weight_decay"][trainer.global_step - 1])
     assert mfm["weight_decay"] == 0.05 and backbone["weight_decay"] == pytest.approx(last_step_wd)
