@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ssl.backbones.base import Backbone
+from ssl.composite import HeadOptim
 from ssl.distributed import all_reduce_sum
 from ssl.objectives.base import IncompatibleConfigError, Objective, StepContext, TeacherSpec
 from ssl.optim.clipping import clip_gradients
@@ -38,19 +39,64 @@ def lr_schedule(cfg: Any) -> Any:
     return LR_SCHEDULES[name]
 
 
+# Teacher settings a user can set per objective (objective.<name>.teacher.<field>); train_mode and
+# buffers are fixed by each method.
+ALIGNABLE_TEACHER_FIELDS = ("momentum", "momentum_end", "schedule", "ramp_steps")
+
+
 def shared_teacher_spec(objectives: Mapping[str, Objective]) -> TeacherSpec | None:
-    """The one teacher behaviour all teacher-based objectives agree on (or a clear error)."""
+    """The one teacher behaviour all teacher-based objectives agree on (or a clear error).
+
+    There is one EMA teacher, so no rule could pick between two momentum schedules without
+    silently changing one method: differing settings fail before training, naming the overrides.
+    """
     specs = {name: obj.teacher_spec() for name, obj in objectives.items() if obj.needs_teacher}
     if not specs:
         return None
-    distinct = set(specs.values())
-    if len(distinct) > 1:
-        raise IncompatibleConfigError(
-            "objectives share one EMA teacher but ask for different teacher settings: "
-            + "; ".join(f"{n}: {s}" for n, s in specs.items())
-            + ". Set the same objective.<name>.teacher.* values for all of them."
+    if len(set(specs.values())) > 1:
+        raise IncompatibleConfigError(teacher_mismatch_message(specs))
+    return next(iter(specs.values()))
+
+
+def teacher_mismatch_message(specs: Mapping[str, TeacherSpec]) -> str:
+    """Which teacher fields differ, and the overrides that align them with the first objective."""
+    names = list(specs)
+    first = specs[names[0]]
+    fields = [f for f in TeacherSpec.__dataclass_fields__
+              if len({getattr(s, f) for s in specs.values()}) > 1]
+    differ = "; ".join(
+        f"teacher.{f}: " + ", ".join(f"{n}={getattr(s, f)}" for n, s in specs.items()) for f in fields
+    )
+    message = (
+        f"objectives {', '.join(names)} share one EMA teacher but ask for different settings ({differ})."
+    )
+    fixed = [f for f in fields if f not in ALIGNABLE_TEACHER_FIELDS]
+    if fixed:
+        return message + (
+            f" {', '.join(fixed)} are fixed by each method, so these objectives cannot share a "
+            "teacher: train them separately."
         )
-    return distinct.pop()
+    overrides = [
+        f"objective.{n}.teacher.{f}={getattr(first, f)}"
+        for n in names[1:] for f in fields if getattr(specs[n], f) != getattr(first, f)
+    ]
+    return message + f" Align them, e.g. (to {names[0]}'s values): {' '.join(overrides)}"
+
+
+def objective_groups(name: str, objective: Objective, settings: HeadOptim) -> list[dict]:
+    """One objective's own parameters as its own groups (decayed / exempt), tagged with its name.
+
+    They follow the recipe's lr times `settings.lr_scale`; the decayed group follows the recipe's
+    weight-decay schedule unless `settings.weight_decay` fixes it.
+    """
+    groups = split_weight_decay(objective.named_parameters(), objective.no_weight_decay)
+    for group in groups:
+        group["objective"] = name
+        group["lr_scale"] = settings.lr_scale
+        if group["apply_weight_decay"] and settings.weight_decay is not None:
+            group["fixed_weight_decay"] = True  # still decayed (LARS adapts it), not scheduled
+            group["weight_decay"] = settings.weight_decay
+    return groups
 
 
 class SSLModule(pl.LightningModule):
@@ -63,6 +109,7 @@ class SSLModule(pl.LightningModule):
         batch_size: int,
         config: dict | None = None,
         max_consecutive_nonfinite: int | None = 20,
+        head_optim: Mapping[str, HeadOptim] | None = None,
     ) -> None:
         super().__init__()
         if config is not None:
@@ -71,6 +118,7 @@ class SSLModule(pl.LightningModule):
         self.objectives = nn.ModuleDict(dict(objectives))
         self.weights = dict(weights)
         self.optim_cfg = optimizer
+        self.head_optim = dict(head_optim or {})
         self.batch_size = batch_size
         for objective in self.objectives.values():
             objective.check_backbone(backbone)
@@ -119,8 +167,10 @@ class SSLModule(pl.LightningModule):
 
         named = [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
         groups = split_weight_decay(named, backbone_exempt)
-        for objective in self.objectives.values():
-            groups += split_weight_decay(objective.named_parameters(), objective.no_weight_decay)
+        for name, objective in self.objectives.items():
+            groups += objective_groups(
+                name, objective, self.head_optim.get(name, HeadOptim())
+            )
         if self.sharded:  # optimizers' foreach kernels take sharded or plain tensors, not a mix
             groups = [
                 {**g, "params": [p for p in g["params"] if is_sharded(p) == sharded]}
@@ -302,8 +352,8 @@ class SSLModule(pl.LightningModule):
         if self.schedules:
             lr, wd = self.scheduled("lr"), self.scheduled("weight_decay")
             for group in optimizer.param_groups:
-                group["lr"] = lr
-                if group.get("apply_weight_decay"):
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+                if group.get("apply_weight_decay") and not group.get("fixed_weight_decay"):
                     group["weight_decay"] = wd
         self._skip_step = False
         optimizer.step(closure=optimizer_closure)

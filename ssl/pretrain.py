@@ -33,6 +33,7 @@ from ssl.checkpointing.atomic_io import AtomicCheckpointIO, remove_partial_saves
 from ssl.checkpointing.metrics_csv import csv_logger
 from ssl.checkpointing.pruning import PrunedCheckpoints
 from ssl.checkpointing.resume import checkpoint_step, config_differences, latest_checkpoint
+from ssl.composite import head_optim_settings, objective_weights, resolve_optimizer_recipe
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.datasets import build_dataset
 from ssl.export import export_backbone
@@ -237,7 +238,12 @@ def resolve_sync_batchnorm(trainer_cfg: DictConfig, objectives: Any) -> bool:
 
 
 def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
-    """The training module; `num_samples` (the dataset size) fills in `num_samples: auto`."""
+    """The training module; `num_samples` (the dataset size) fills in `num_samples: auto`.
+
+    Several objectives (`objective=[dino,mfm]`) share the backbone and one EMA teacher; each
+    keeps its weight, heads, state and head optimiser settings (ssl/composite.py).
+    """
+    resolve_optimizer_recipe(cfg, CONFIG_DIR)
     resolve_drop_path_rate(cfg)
     resolve_num_samples(cfg, num_samples)
     backbone = build_backbone(cfg.backbone)
@@ -247,7 +253,7 @@ def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
         name: build_objective(name, obj_cfg, backbone)
         for name, obj_cfg in cfg.objective.items()
     }
-    weights = {name: float(obj_cfg.get("weight", 1.0)) for name, obj_cfg in cfg.objective.items()}
+    weights = objective_weights(cfg.objective)
     if cfg.get("trainer") is not None and cfg.trainer.get("sync_batchnorm") is None:
         cfg.trainer.sync_batchnorm = resolve_sync_batchnorm(cfg.trainer, objectives.values())
     guard = cfg.get("guard") or {}
@@ -255,6 +261,7 @@ def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
         backbone, objectives, weights, cfg.optimizer, cfg.data.batch_size,
         config=recorded_config(cfg),
         max_consecutive_nonfinite=guard.get("max_consecutive_nonfinite", 20),
+        head_optim=head_optim_settings(cfg.objective),
     )
     if cfg.backbone.get("compile"):  # after the teacher's copy: each backbone compiles its own
         for net in {id(b): b for b in (module.backbone, module.eval_backbone("teacher"))}.values():

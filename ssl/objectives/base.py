@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ssl.backbones.base import Backbone
+from ssl.objectives.forward_cache import ForwardCache
 from ssl.optim.factory import default_no_weight_decay
 
 
@@ -68,11 +69,16 @@ class TeacherSpec:
 
 @dataclass
 class StepContext:
-    """Where training stands; objectives read schedules from it instead of from Lightning."""
+    """Where training stands; objectives read schedules from it instead of from Lightning.
+
+    `forwards` memoises backbone passes within the step, so that objectives of a combination
+    encoding the same view share one pass (ssl/objectives/forward_cache.py).
+    """
 
     epoch: int = 0
     step: int = 0
     max_epochs: int = 1
+    forwards: ForwardCache = field(default_factory=ForwardCache)
 
 
 @dataclass

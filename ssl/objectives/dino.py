@@ -134,10 +134,16 @@ class DINO(Objective):
     ) -> ObjectiveOutput:
         crops = batch["views"]
         n_global = self.global_crops
-        student_features = encode_crops(backbone, crops)
+        # Shared with any other objective of the combination encoding the same crops.
+        student_features = ctx.forwards.get_or_compute(
+            backbone, crops, "encode_crops", lambda: encode_crops(backbone, crops)
+        )
         student_logits = self.head(student_features)
         with torch.no_grad():
-            teacher_features = encode_crops(teacher["backbone"], crops[:n_global])
+            teacher_features = ctx.forwards.get_or_compute(
+                teacher["backbone"], crops[:n_global], "encode_crops",
+                lambda: encode_crops(teacher["backbone"], crops[:n_global]),
+            )
             teacher_logits = teacher[self.name](teacher_features)
         temp = self.teacher_temperature(ctx.epoch)
         probs = teacher_probabilities(teacher_logits, self.center, temp)
