@@ -35,6 +35,8 @@ sys.path.insert(0, str(REPO_ROOT))  # this repository's ssl (a superset of the s
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from ssl.benchmark import training_step  # noqa: E402
+
 TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224"}
 
 
@@ -97,19 +99,6 @@ def our_module(overrides: list[str]) -> Any:
     return module, optimizer
 
 
-def our_step(module: Any, optimizer: Any, batch: dict[str, Any]) -> None:
-    """SSLModule's step as Lightning drives it: closure (forward, backward, clip), step, EMA."""
-
-    def closure() -> torch.Tensor:
-        loss = module.training_step(batch, 0)
-        loss.backward()
-        module.on_before_optimizer_step(optimizer)
-        return loss
-
-    module.optimizer_step(0, 0, optimizer, closure)
-    optimizer.zero_grad(set_to_none=True)
-
-
 class OursDINO:
     """`python -m ssl.pretrain objective=dino` with the same settings."""
 
@@ -123,7 +112,7 @@ class OursDINO:
         self.module, self.optimizer = our_module(overrides)
 
     def step(self, images: list[torch.Tensor]) -> None:
-        our_step(self.module, self.optimizer, {"views": images, "index": torch.arange(len(images[0]))})
+        training_step(self.module, self.optimizer, {"views": images, "index": torch.arange(len(images[0]))})
 
 
 class OfficialMAE:
@@ -173,7 +162,7 @@ class OursMAE:
         batch: dict[str, Any] = {"plain_views": images[:1], "index": torch.arange(len(images[0]))}
         for masker in self.masks:  # drawn by the data loader's collate in training
             batch.update(masker(len(images[0])))
-        our_step(self.module, self.optimizer, batch)
+        training_step(self.module, self.optimizer, batch)
 
 
 def timed(side: Any, images: list[torch.Tensor], steps: int) -> list[float]:

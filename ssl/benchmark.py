@@ -69,6 +69,27 @@ def student_crops(batch: dict[str, Any]) -> list[torch.Tensor]:
     return list(batch.get("views", [])) + list(batch.get("plain_views", []))
 
 
+def training_step(
+    module: SSLModule,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Any],
+    dtype: torch.dtype | None = None,
+) -> None:
+    """One optimizer step as Lightning drives it: closure (forward, backward, guard, clipping), the
+    step, the EMA; under autocast to `dtype` when given."""
+    device_type = next(module.parameters()).device.type
+
+    def closure() -> torch.Tensor:
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        module.on_before_optimizer_step(optimizer)
+        return loss
+
+    module.optimizer_step(0, 0, optimizer, closure)
+    optimizer.zero_grad(set_to_none=True)
+
+
 def time_it(fn: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
     """Median seconds per call after `warmup` calls."""
     for _ in range(warmup):
@@ -128,15 +149,7 @@ def benchmark(cfg: DictConfig, steps: int = 10, warmup: int = 3) -> dict[str, An
         module.backbone.zero_grad(set_to_none=True)
 
     def full_step() -> None:
-        def closure() -> torch.Tensor:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = module.training_step(batch, 0)
-            loss.backward()
-            module.on_before_optimizer_step(optimizer)
-            return loss
-
-        module.optimizer_step(0, 0, optimizer, closure)
-        optimizer.zero_grad(set_to_none=True)
+        training_step(module, optimizer, batch, dtype)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
