@@ -278,7 +278,6 @@ class SSLModule(pl.LightningModule):
         if self.sharded:  # FSDP2 reduced the blocks' gradients; the replicated rest is averaged here
             average_replicated_gradients(params)
         if self.step_is_finite(params):
-            self._skip_step = False
             self.guard.good(self.newest_checkpoint())
             clip_gradients(params, self.optim_cfg.clip_grad, self.optim_cfg.clip_mode)
             ctx = self.context()

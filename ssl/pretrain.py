@@ -42,7 +42,6 @@ from ssl.objectives import OBJECTIVES, build_objective
 from ssl.optim.nonfinite import NonFiniteLossError
 from ssl.redaction import redact, redact_overrides, redact_yaml_file
 from ssl.sharding import (
-    STRATEGY_NAMES,
     BlockShardedStrategy,
     full_state_dict,
     transformer_blocks,
@@ -192,7 +191,7 @@ def build_trainer(
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_args.get("precision") is None:
         trainer_args["precision"] = default_precision()
-    if trainer_args.get("strategy") in STRATEGY_NAMES:
+    if uses_block_sharding(cfg.trainer):
         trainer_args["strategy"] = BlockShardedStrategy()
     return pl.Trainer(
         **trainer_args,
