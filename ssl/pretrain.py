@@ -307,7 +307,7 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     maskers = [m for o in module.objectives.values() for m in o.batch_maskers()]
     data = PretrainDataModule(
         cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset, maskers=maskers,
-        seed=cfg.seed,
+        seed=cfg.seed, augment_on=cfg.data.get("augment_on", "cpu"),
     )
     # Only once every check has passed: a failed start leaves no run.
     resume = prepare_run_dir(run_dir, cfg)

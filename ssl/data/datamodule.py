@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from ssl.data.datasets import UnreadableImageError, build_dataset, next_readable
 from ssl.data.resumable_sampler import ResumableSampler
 from ssl.data.views import (
+    AUGMENT_ON,
     CROP_RECIPES,
     MultiCropTransform,
     PlainCropTransform,
@@ -212,6 +213,7 @@ class PretrainDataModule(pl.LightningDataModule):
         dataset: Dataset | None = None,
         maskers: Sequence[BatchMasker] = (),
         seed: int = 0,
+        augment_on: str = "cpu",
     ) -> None:
         """`dataset`: the already built "pretrain" split, so a folder is not scanned twice.
 
@@ -232,6 +234,13 @@ class PretrainDataModule(pl.LightningDataModule):
         self.dataset = dataset
         self.collate = MaskingCollate(maskers)
         self.seed = int(seed)
+        if augment_on not in AUGMENT_ON:
+            raise IncompatibleConfigError(
+                f"data.augment_on={augment_on!r}; valid values: {', '.join(AUGMENT_ON)} (device: the "
+                "photometric augmentations run batched on the GPU, for when the data workers cannot keep up)."
+            )
+        self.augment_on = augment_on
+        self.device_augment = self.transform().device_augment(tuple(dataset_cfg.mean), tuple(dataset_cfg.std))
         self.train_set: Dataset | None = None
         self.sampler: ResumableSampler | None = None
         self.resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
@@ -250,7 +259,7 @@ class PretrainDataModule(pl.LightningDataModule):
                 cfg.image_size, views.plain_crop_scale, tuple(cfg.mean), tuple(cfg.std),
                 color_jitter=views.plain_color_jitter,
             )
-        return PretrainViews(multicrop, plain, views.plain_crops)
+        return PretrainViews(multicrop, plain, views.plain_crops, self.augment_on)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -280,6 +289,12 @@ class PretrainDataModule(pl.LightningDataModule):
             # so creating an iterator (again after a resume) leaves the step's randomness alone.
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """augment_on=device: finish the uint8 crops on the device Lightning just moved them to."""
+        if self.device_augment is not None and isinstance(batch, dict):
+            batch = self.device_augment(batch)
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """Where training stands in the sample order: saved in every checkpoint."""

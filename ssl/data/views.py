@@ -16,6 +16,8 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from ssl.data.device_augment import PLAIN_DRAWS, VIEW_DRAWS, DeviceAugment, Photometric
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # DINO's blur radius range, defined for 224 px crops.
@@ -97,6 +99,31 @@ def blur_radius_range(size: int) -> tuple[float, float]:
 Jitter = tuple[float, float, float, float]
 DINO_JITTER: Jitter = (0.4, 0.4, 0.2, 0.1)
 STRONG_JITTER: Jitter = (0.8, 0.8, 0.8, 0.2)
+
+
+def photometric(jitter: Jitter, blur: float, solarize: float, size: int) -> Photometric:
+    """One crop kind's photometric half: jitter (p=0.8), grayscale (p=0.2), blur, solarize."""
+    return Photometric(tuple(jitter), 0.8, 0.2, blur, blur_radius_range(size), solarize)
+
+
+def cpu_photometric(spec: Photometric) -> list[Any]:
+    """The PIL transforms that apply `spec` in a data worker (data.augment_on=cpu)."""
+    steps: list[Any] = [
+        T.RandomApply([T.ColorJitter(*spec.jitter)], p=spec.jitter_p),
+        T.RandomGrayscale(p=spec.grayscale_p),
+    ]
+    if spec.blur_p > 0.0:
+        steps.append(RandomGaussianBlur(spec.blur_p, *spec.blur_sigma))
+    if spec.solarize_p > 0.0:
+        steps.append(RandomSolarize(spec.solarize_p, threshold=128))
+    return steps
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) uint8 RGB: a quarter of float32's bytes through the loader and to the device."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 @dataclass(frozen=True)
@@ -182,32 +209,37 @@ class MultiCropTransform:
         self.local_scale = (float(local_scale[0]), float(local_scale[1]))
         to_tensor = ToNormalizedTensor(mean, std)
         r = self.recipe
-
-        def pipeline(
-            size: int, scale: tuple[float, float], jitter: Jitter, blur: float, solarize: float = 0.0
-        ) -> T.Compose:
-            tail: list[Any] = []
-            if blur > 0.0:
-                tail.append(RandomGaussianBlur(blur, *blur_radius_range(size)))
-            if solarize > 0.0:
-                tail.append(RandomSolarize(solarize, threshold=128))
-            return T.Compose(
-                [
-                    T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
-                    T.RandomHorizontalFlip(p=0.5),
-                    T.RandomApply([T.ColorJitter(*jitter)], p=0.8),
-                    T.RandomGrayscale(p=0.2),
-                    *tail,
-                    to_tensor,
-                ]
-            )
-
-        size, scale = self.global_size, self.global_scale
-        self.global_first = pipeline(size, scale, r.global_jitter, r.first_global_blur)
-        self.global_other = pipeline(
-            size, scale, r.global_jitter, r.other_global_blur, r.other_global_solarize
+        g, loc = self.global_size, self.local_size
+        kinds = {
+            "global_first": (g, self.global_scale, photometric(r.global_jitter, r.first_global_blur, 0.0, g)),
+            "global_other": (g, self.global_scale, photometric(
+                r.global_jitter, r.other_global_blur, r.other_global_solarize, g)),
+            "local": (loc, self.local_scale, photometric(r.local_jitter, r.local_blur, 0.0, loc)),
+        }
+        self.photometric = {name: spec for name, (_, _, spec) in kinds.items()}
+        self.geometric = {
+            name: T.Compose([
+                T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(p=0.5),
+            ])
+            for name, (size, scale, _) in kinds.items()
+        }
+        full = {
+            name: T.Compose([*self.geometric[name].transforms, *cpu_photometric(spec), to_tensor])
+            for name, spec in self.photometric.items()
+        }
+        self._full = full
+        self.global_first, self.global_other, self.local = (
+            full["global_first"], full["global_other"], full["local"]
         )
-        self.local = pipeline(self.local_size, self.local_scale, r.local_jitter, r.local_blur)
+
+    def kind_names(self) -> list[str]:
+        """The crop kind of every output position, globals first."""
+        return ["global_first"] + ["global_other"] * (self.num_global - 1) + ["local"] * self.num_local
+
+    def view_photometrics(self) -> list[Photometric]:
+        """The photometric half of every output position (what the device applies when deferred)."""
+        return [self.photometric[name] for name in self.kind_names()]
 
     @classmethod
     def from_config(
@@ -237,10 +269,16 @@ class MultiCropTransform:
         )
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
-        crops = [self.global_first(image)]
-        crops.extend(self.global_other(image) for _ in range(self.num_global - 1))
-        crops.extend(self.local(image) for _ in range(self.num_local))
-        return crops
+        """Every crop, fully augmented and normalised (data.augment_on=cpu)."""
+        return [self._full[name](image) for name in self.kind_names()]
+
+    def crops_and_draws(self, image: Image.Image) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """data.augment_on=device: uint8 crops (geometric half done) and their photometric draws."""
+        crops, draws = [], []
+        for name in self.kind_names():
+            crops.append(to_uint8_tensor(self.geometric[name](image)))
+            draws.append(self.photometric[name].draw())
+        return crops, draws
 
     def __repr__(self) -> str:
         return (
@@ -270,41 +308,73 @@ class PlainCropTransform:
         self.scale = (float(scale[0]), float(scale[1]))
         self.color_jitter = float(color_jitter)
         jitter = [T.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else []
-        self.pipeline = T.Compose(
-            [
-                *jitter,
-                T.RandomResizedCrop(self.size, scale=self.scale, interpolation=InterpolationMode.BICUBIC),
-                T.RandomHorizontalFlip(p=0.5),
-                ToNormalizedTensor(mean, std),
-            ]
-        )
+        self.geometric = T.Compose([
+            T.RandomResizedCrop(self.size, scale=self.scale, interpolation=InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(p=0.5),
+        ])
+        self.pipeline = T.Compose([*jitter, *self.geometric.transforms, ToNormalizedTensor(mean, std)])
+        # On the device the jitter (always applied) follows the crop: the contrast blend then uses
+        # the crop's mean luma instead of the whole image's, the only difference.
+        j = self.color_jitter
+        self.photometric = Photometric((j, j, j, 0.0), 1.0 if j else 0.0)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.pipeline(image)
+
+    def crop_and_draws(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """data.augment_on=device: the uint8 crop and its photometric draws."""
+        return to_uint8_tensor(self.geometric(image)), self.photometric.draw()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, jitter={self.color_jitter})"
 
 
+AUGMENT_ON = ("cpu", "device")
+
+
 class PretrainViews:
-    """Every view a set of objectives asks for, as a dict: "views" (multi-crop), "plain_views"."""
+    """Every view a set of objectives asks for, as a dict: "views" (multi-crop), "plain_views".
+
+    augment_on="device": the crops are uint8 with their photometric draws beside them
+    (VIEW_DRAWS, PLAIN_DRAWS); `device_augment()` finishes them on the training device.
+    """
 
     def __init__(self, multicrop: MultiCropTransform | None, plain: PlainCropTransform | None,
-                 plain_crops: int = 0) -> None:
+                 plain_crops: int = 0, augment_on: str = "cpu") -> None:
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"data.augment_on={augment_on!r}; valid values: {', '.join(AUGMENT_ON)}")
         self.multicrop = multicrop
         self.plain = plain
         self.plain_crops = plain_crops if plain is not None else 0
+        self.augment_on = augment_on
 
     def __call__(self, image: Image.Image) -> dict[str, list[torch.Tensor]]:
         out: dict[str, list[torch.Tensor]] = {}
+        deferred = self.augment_on == "device"
         if self.multicrop is not None:
-            out["views"] = self.multicrop(image)
+            if deferred:
+                out["views"], out[VIEW_DRAWS] = self.multicrop.crops_and_draws(image)
+            else:
+                out["views"] = self.multicrop(image)
         if self.plain_crops:
-            out["plain_views"] = [self.plain(image) for _ in range(self.plain_crops)]
+            if deferred:
+                pairs = [self.plain.crop_and_draws(image) for _ in range(self.plain_crops)]
+                out["plain_views"], out[PLAIN_DRAWS] = [c for c, _ in pairs], [d for _, d in pairs]
+            else:
+                out["plain_views"] = [self.plain(image) for _ in range(self.plain_crops)]
         return out
 
+    def device_augment(self, mean: Sequence[float], std: Sequence[float]) -> DeviceAugment | None:
+        """What finishes these views on the device (None when the workers finish them)."""
+        if self.augment_on != "device":
+            return None
+        views = self.multicrop.view_photometrics() if self.multicrop is not None else []
+        plain = self.plain.photometric if self.plain_crops else None
+        return DeviceAugment(views, plain, mean, std)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(multicrop={self.multicrop}, plain={self.plain} x{self.plain_crops})"
+        return (f"{type(self).__name__}(multicrop={self.multicrop}, plain={self.plain} x{self.plain_crops}, "
+                f"augment_on={self.augment_on!r})")
 
 
 class ResizeIfNeeded:

@@ -1,0 +1,281 @@
+"""Photometric augmentation on the training device, in batch (`data.augment_on=device`).
+
+On a GPU the CPU-side colour jitter and Gaussian blur of ten multi-crop views per image are what
+starves the accelerator (solo-learn needed NVIDIA DALI for it). With `augment_on=device` the data
+workers only decode the image once, cut every crop (RandomResizedCrop + flip, the geometric part,
+which needs the full-size image) and ship it as uint8 (a quarter of the bytes of float32), plus
+one row of random draws per crop. The colour jitter (random order per crop), grayscale, Gaussian
+blur, solarization and normalisation then run here, batched over every crop of one kind.
+
+The draws are made in the worker from the sample's own seeded torch RNG, with the CPU recipe's
+probabilities and ranges, so a run stays reproducible and resumes exactly; the device only
+applies them. The
+ops follow torchvision's tensor definitions (`adjust_brightness`, `adjust_contrast`,
+`adjust_saturation`, `adjust_hue`, `rgb_to_grayscale`, `gaussian_blur` with reflect padding,
+`solarize`) on float pixels in [0, 1]; the CPU pipeline runs PIL's versions, which round to uint8
+after every op, so the two agree in distribution, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Columns of one crop's row of draws.
+JITTER_ON, BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3, 4
+ORDER = slice(5, 9)  # the permutation of the four jitter ops (0 brightness ... 3 hue)
+GRAYSCALE, BLUR, SIGMA, SOLARIZE = 9, 10, 11, 12
+NUM_DRAWS = 13
+# Batch keys of the draws that travel with the uint8 crops from the workers.
+VIEW_DRAWS, PLAIN_DRAWS = "view_draws", "plain_view_draws"
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+SOLARIZE_THRESHOLD = 128 / 255  # PIL's solarize(threshold=128) on [0, 1] pixels
+
+
+def _uniform(low: float, high: float) -> float:
+    return float(torch.empty(1).uniform_(low, high))
+
+
+def _coin(p: float) -> float:
+    """1.0 with probability p, drawing from torch's generator only when 0 < p < 1."""
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    return float(torch.rand(()) < p)
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """The photometric half of one crop kind: what `draw` samples and `apply_photometric` applies.
+
+    `jitter` is ColorJitter(brightness, contrast, saturation, hue), applied with `jitter_p`;
+    `blur_sigma` the Gaussian's standard deviation range (PIL's blur radius).
+    """
+
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    jitter_p: float = 0.0
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+    def draw(self) -> torch.Tensor:
+        """One crop's random draws (NUM_DRAWS floats) from torch's generator."""
+        row = torch.zeros(NUM_DRAWS)
+        row[BRIGHTNESS:HUE] = 1.0  # identity factors
+        row[ORDER] = torch.arange(4, dtype=torch.float32)
+        if self.jitter_p > 0.0 and any(self.jitter):
+            row[JITTER_ON] = _coin(self.jitter_p)
+            b, c, s, h = self.jitter
+            row[ORDER] = torch.randperm(4).float()
+            for column, strength in ((BRIGHTNESS, b), (CONTRAST, c), (SATURATION, s)):
+                if strength:
+                    row[column] = _uniform(max(0.0, 1.0 - strength), 1.0 + strength)
+            if h:
+                row[HUE] = _uniform(-h, h)
+        row[GRAYSCALE] = _coin(self.grayscale_p)
+        row[BLUR] = _coin(self.blur_p)
+        if self.blur_p > 0.0:
+            row[SIGMA] = _uniform(*self.blur_sigma)
+        row[SOLARIZE] = _coin(self.solarize_p)
+        return row
+
+    def kernel_size(self) -> int:
+        """The one odd kernel size for the whole batch: 3 sigma either side of the largest sigma."""
+        return 2 * max(1, math.ceil(3.0 * self.blur_sigma[1])) + 1
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) luma of (N, 3, H, W) RGB."""
+    r, g, b = x.unbind(dim=1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _per_sample(values: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * _per_sample(factor)).clamp(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the image's mean luma (one scalar per image)."""
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_sample(factor)
+    return (f * x + (1.0 - f) * mean).clamp(0.0, 1.0)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the pixel's own luma."""
+    f = _per_sample(factor)
+    return (f * x + (1.0 - f) * grayscale(x)).clamp(0.0, 1.0)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB in [0, 1] to HSV, hue in [0, 1)."""
+    r, g, b = x.unbind(dim=1)
+    high = x.amax(dim=1)
+    low = x.amin(dim=1)
+    chroma = high - low
+    grey = chroma == 0
+    saturation = chroma / torch.where(grey, torch.ones_like(high), high)
+    safe_chroma = torch.where(grey, torch.ones_like(chroma), chroma)
+    dr, dg, db = ((high - c) / safe_chroma for c in (r, g, b))
+    is_r = high == r
+    is_g = (high == g) & ~is_r
+    is_b = ~(is_r | is_g)
+    hue = is_r * (db - dg) + is_g * (2.0 + dr - db) + is_b * (4.0 + dg - dr)
+    hue = torch.fmod(hue / 6.0 + 1.0, 1.0)
+    return torch.stack((hue, saturation, high), dim=1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `rgb_to_hsv`: pick (r, g, b) from (v, p, q, t) by the hue's sixth."""
+    h, s, v = x.unbind(dim=1)
+    sector = torch.floor(h * 6.0)
+    frac = h * 6.0 - sector
+    sector = sector.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * frac)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - frac))).clamp(0.0, 1.0)
+    # For sectors 0..5: r = v q p p t v, g = t v v q p p, b = p p t v v q.
+    table = torch.stack(
+        (
+            torch.stack((v, q, p, p, t, v), dim=1),
+            torch.stack((t, v, v, q, p, p), dim=1),
+            torch.stack((p, p, t, v, v, q), dim=1),
+        ),
+        dim=1,
+    )  # (N, 3, 6, H, W)
+    index = sector.unsqueeze(1).unsqueeze(2).expand(-1, 3, 1, -1, -1)
+    return table.gather(2, index).squeeze(2)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue by `shift` turns (in [-0.5, 0.5]) per image."""
+    hsv = rgb_to_hsv(x)
+    hue = torch.remainder(hsv[:, 0] + shift.view(-1, 1, 1), 1.0)
+    return hsv_to_rgb(torch.cat((hue.unsqueeze(1), hsv[:, 1:]), dim=1))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per image and reflect padding (torchvision's)."""
+    n, c, h, w = x.shape
+    half = kernel_size // 2
+    offsets = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma.view(-1, 1).to(x.dtype)) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (N*C, K)
+    mode = "reflect" if half < min(h, w) else "replicate"
+    flat = F.pad(x.reshape(1, n * c, h, w), (half, half, half, half), mode=mode)
+    flat = F.conv2d(flat, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+    flat = F.conv2d(flat, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return flat.view(n, c, h, w)
+
+
+JITTER_OPS = (
+    (BRIGHTNESS, adjust_brightness),
+    (CONTRAST, adjust_contrast),
+    (SATURATION, adjust_saturation),
+    (HUE, adjust_hue),
+)
+
+
+def apply_photometric(
+    crops: torch.Tensor, draws: torch.Tensor, spec: Photometric,
+    mean: torch.Tensor, std: torch.Tensor,
+) -> torch.Tensor:
+    """uint8 (N, 3, H, W) crops + their (N, NUM_DRAWS) draws -> normalised float32 crops.
+
+    `mean` / `std`: (1, 3, 1, 1) tensors on the crops' device (made once: a fresh host tensor
+    copied to a GPU every step would be a synchronising copy).
+
+    Order as in the CPU recipe: jitter (each crop's own op order) -> grayscale -> blur ->
+    solarize -> normalise. Every branch is a `torch.where` on per-crop flags: no host sync.
+    """
+    x = crops.float().div_(255.0)
+    draws = draws.to(device=x.device, dtype=torch.float32)
+
+    def where(flag: torch.Tensor, changed: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        return torch.where(_per_sample(flag) > 0.5, changed, kept)
+
+    active = [
+        (op_index, column, op)
+        for op_index, (column, op) in enumerate(JITTER_OPS)
+        if spec.jitter_p > 0.0 and spec.jitter[op_index]
+    ]
+    if active:
+        on = draws[:, JITTER_ON] > 0.5
+        order = draws[:, ORDER]
+        for position in range(4):
+            for op_index, column, op in active:
+                chosen = on & (order[:, position] == op_index)
+                x = where(chosen.float(), op(x, draws[:, column]), x)
+    if spec.grayscale_p > 0.0:
+        x = where(draws[:, GRAYSCALE], grayscale(x).expand_as(x), x)
+    if spec.blur_p > 0.0:
+        sigma = draws[:, SIGMA].clamp(min=1e-3)
+        x = where(draws[:, BLUR], gaussian_blur(x, sigma, spec.kernel_size()), x)
+    if spec.solarize_p > 0.0:
+        solarized = torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
+        x = where(draws[:, SOLARIZE], solarized, x)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+class DeviceAugment:
+    """Applies the deferred photometric half to a batch already on the device.
+
+    `view_specs[i]` is the Photometric of batch["views"][i]; `plain_spec` that of every plain
+    view. Crops of one kind and size (the local crops, the later global crops) go through
+    `apply_photometric` as one batch. The uint8 crops and their draws are replaced in place by
+    normalised float crops, so objectives see the batch the CPU pipeline would have produced.
+    """
+
+    def __init__(
+        self, view_specs: Sequence[Photometric], plain_spec: Photometric | None,
+        mean: Sequence[float], std: Sequence[float],
+    ) -> None:
+        self.view_specs = list(view_specs)
+        self.plain_spec = plain_spec
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._stats:
+            as_column = lambda v: torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)  # noqa: E731
+            self._stats[device] = (as_column(self.mean), as_column(self.std))
+        return self._stats[device]
+
+    def apply(self, crops: list[torch.Tensor], draws: list[torch.Tensor],
+              specs: Sequence[Photometric]) -> list[torch.Tensor]:
+        mean, std = self.stats(crops[0].device)
+        groups: dict[tuple[Photometric, tuple[int, ...]], list[int]] = {}
+        for i, (crop, spec) in enumerate(zip(crops, specs)):
+            groups.setdefault((spec, tuple(crop.shape)), []).append(i)
+        out: list[torch.Tensor] = [crops[0]] * len(crops)
+        for (spec, _), members in groups.items():
+            joined = apply_photometric(
+                torch.cat([crops[i] for i in members]), torch.cat([draws[i] for i in members]),
+                spec, mean, std,
+            )
+            for i, part in zip(members, joined.chunk(len(members))):
+                out[i] = part
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        if VIEW_DRAWS in batch:
+            batch["views"] = self.apply(batch["views"], batch.pop(VIEW_DRAWS), self.view_specs)
+        if PLAIN_DRAWS in batch and self.plain_spec is not None:
+            plain = batch["plain_views"]
+            batch["plain_views"] = self.apply(plain, batch.pop(PLAIN_DRAWS), [self.plain_spec] * len(plain))
+        return batch
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(views={len(self.view_specs)}, plain={self.plain_spec is not None})"
