@@ -1,0 +1,142 @@
+"""Multi-crop augmentation throughput: every augmentation in a worker vs `data.augment_on=device`.
+
+    python scripts/augmentation_throughput.py                      # DINO at 224 / 96 px, 2 + 8 crops
+    python scripts/augmentation_throughput.py --source fashion_mnist --global-size 28 --local-size 12
+
+Measures, in this one process (= one data-loader worker):
+- images/s of decode + the full CPU recipe (crop, flip, jitter, grayscale, blur, solarize, normalise);
+- images/s of decode + what a worker still does with augment_on=device (crop, flip, uint8, draws);
+- images/s of the batched photometric half on the training device (CUDA when present, else CPU);
+- bytes per image a worker hands to the loader in each mode.
+The source images are JPEG bytes decoded per sample, as an ImageFolder dataset would be.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Our package before the standard library's `ssl`, which torch would otherwise import first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ssl.data.device_augment import DeviceAugment  # noqa: E402
+from ssl.data.views import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform  # noqa: E402
+
+
+def source_images(kind: str, count: int, width: int, height: int) -> list[bytes]:
+    """JPEG-encoded images: smooth random colour fields (synthetic) or Fashion-MNIST digits."""
+    images = []
+    if kind == "fashion_mnist":
+        from omegaconf import OmegaConf
+
+        from ssl.data.datasets import build_dataset
+
+        conf = Path(__file__).resolve().parent.parent / "conf"
+        cfg = OmegaConf.load(conf / "dataset" / "fashion_mnist.yaml")
+        data = build_dataset(cfg, "pretrain")
+        pil = [data[i][0].convert("RGB") for i in range(count)]
+    else:
+        g = torch.Generator().manual_seed(0)
+        small = torch.randint(0, 256, (count, 3, height // 16, width // 16), generator=g, dtype=torch.uint8)
+        big = torch.nn.functional.interpolate(small.float(), size=(height, width), mode="bilinear")
+        pil = [Image.fromarray(img.clamp(0, 255).byte().permute(1, 2, 0).numpy()) for img in big]
+    for image in pil:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+def rate(fn, items: list, repeats: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for item in items:
+            fn(item)
+    return len(items) * repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source", choices=("synthetic", "fashion_mnist"), default="synthetic")
+    parser.add_argument("--width", type=int, default=500)
+    parser.add_argument("--height", type=int, default=375)
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--globals", type=int, default=2)
+    parser.add_argument("--locals", type=int, default=8)
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--recipe", default="dino")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    jpegs = source_images(args.source, args.images, args.width, args.height)
+    transform = MultiCropTransform(args.globals, args.locals, args.global_size, args.local_size,
+                                   recipe=args.recipe)
+
+    def decode(data: bytes) -> Image.Image:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+    rate(lambda d: transform(decode(d)), jpegs[:5])  # warm-up
+    cpu_rate = rate(lambda d: transform(decode(d)), jpegs)
+    worker_rate = rate(lambda d: transform.crops_and_draws(decode(d)), jpegs)
+    crops, draws = transform.crops_and_draws(decode(jpegs[0]))
+    float_bytes = sum(c.numel() * 4 for c in crops)
+    uint8_bytes = sum(c.numel() for c in crops) + sum(d.numel() * 4 for d in draws)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    augment = DeviceAugment(transform.view_photometrics(), None, IMAGENET_MEAN, IMAGENET_STD)
+    samples = [transform.crops_and_draws(decode(jpegs[i % len(jpegs)])) for i in range(args.batch)]
+    views = [torch.stack([s[0][v] for s in samples]).to(device) for v in range(len(crops))]
+    rows = [torch.stack([s[1][v] for s in samples]).to(device) for v in range(len(crops))]
+
+    def device_step() -> None:
+        augment({"views": list(views), "view_draws": list(rows)})
+
+    for _ in range(2):
+        device_step()
+    steps = 5
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        device_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    device_rate = args.batch * steps / (time.perf_counter() - start)
+
+    result = {
+        "source": f"{args.source} {args.width}x{args.height}" if args.source == "synthetic" else args.source,
+        "crops": f"{args.globals}x{args.global_size} + {args.locals}x{args.local_size}",
+        "recipe": args.recipe,
+        "cpu": platform.processor() or "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "worker_full_recipe_images_per_s": cpu_rate,
+        "worker_crop_only_images_per_s": worker_rate,
+        "worker_speedup": worker_rate / cpu_rate,
+        "device_photometric_images_per_s": device_rate,
+        "bytes_per_image_float32": float_bytes,
+        "bytes_per_image_uint8": uint8_bytes,
+    }
+    print(json.dumps(result, indent=2))
+    print("| crops | worker, full recipe (img/s) | worker, augment_on=device (img/s) | speed-up "
+          "| device photometric (img/s) | bytes/image float32 → uint8 |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {result['crops']} | {cpu_rate:.1f} | {worker_rate:.1f} | {worker_rate / cpu_rate:.2f}× "
+          f"| {device_rate:.0f} ({result['device']}) | {float_bytes} → {uint8_bytes} |")
+
+
+if __name__ == "__main__":
+    main()
