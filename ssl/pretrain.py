@@ -308,6 +308,7 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     data = PretrainDataModule(
         cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset, maskers=maskers,
         seed=cfg.seed, augment_on=cfg.data.get("augment_on", "cpu"),
+        prefetch_factor=cfg.data.get("prefetch_factor", 2),
     )
     # Only once every check has passed: a failed start leaves no run.
     resume = prepare_run_dir(run_dir, cfg)

@@ -214,6 +214,7 @@ class PretrainDataModule(pl.LightningDataModule):
         maskers: Sequence[BatchMasker] = (),
         seed: int = 0,
         augment_on: str = "cpu",
+        prefetch_factor: int = 2,
     ) -> None:
         """`dataset`: the already built "pretrain" split, so a folder is not scanned twice.
 
@@ -240,6 +241,7 @@ class PretrainDataModule(pl.LightningDataModule):
                 "photometric augmentations run batched on the GPU, for when the data workers cannot keep up)."
             )
         self.augment_on = augment_on
+        self.prefetch_factor = int(prefetch_factor)
         self.device_augment = self.transform().device_augment(tuple(dataset_cfg.mean), tuple(dataset_cfg.std))
         self.train_set: Dataset | None = None
         self.sampler: ResumableSampler | None = None
@@ -284,6 +286,7 @@ class PretrainDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             collate_fn=self.collate,
             # Worker base seeds come from this generator, not the global RNG the training step uses,
             # so creating an iterator (again after a resume) leaves the step's randomness alone.
