@@ -38,6 +38,10 @@ OBJECTIVES = {
     # DINO: EMA teacher, centre, stochastic depth 0.1 (the global RNG inside the step), multi-crop.
     "dino": ["objective=dino", "backbone=vit_t", "+backbone.kwargs.depth=2", "objective.dino.out_dim=256",
              "objective.dino.hidden_dim=128", "objective.dino.local_crops=2"],
+    # data.augment_on=device: the photometric draws travel with the uint8 crops from the workers.
+    "dino_device_augment": ["objective=dino", "backbone=vit_t", "+backbone.kwargs.depth=2",
+                            "objective.dino.out_dim=256", "objective.dino.hidden_dim=128",
+                            "objective.dino.local_crops=2", "data.augment_on=device"],
     # MAE: masks drawn in the collate step.
     "mae": ["objective=mae", "backbone=vit_t", "+backbone.kwargs.depth=2", "objective.mae.decoder_depth=1"],
     # CoKe: label memory, centres and duals (objective state outside the optimizer).
@@ -98,7 +102,8 @@ def max_abs_difference(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize(
-    ("objective", "workers_a", "workers_b"), [("dino", 0, 2), ("mae", 2, 0), ("coke", 0, 0)]
+    ("objective", "workers_a", "workers_b"),
+    [("dino", 0, 2), ("dino_device_augment", 2, 0), ("mae", 2, 0), ("coke", 0, 0)],
 )
 def test_sigkill_mid_epoch_then_same_command_ends_bit_identical(
     tmp_path: Path, objective: str, workers_a: int, workers_b: int
