@@ -6,6 +6,10 @@ updates the teacher once per optimizer step (so gradient accumulation is handled
 objectives' metrics under their own names. A step whose loss or gradients are not finite is skipped
 (weights, optimizer moments and teacher untouched) and counted; too many in a row stop the run
 (ssl/optim/nonfinite.py).
+
+The step has no host-device sync: the skip is decided on the device (the optimizer's `found_inf`,
+a gated EMA), metrics are logged as device tensors, and the host reads the guard's counters and the
+progress bar's loss once every `trainer.log_every_n_steps` steps (`read_guard`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from ssl.composite import HeadOptim
 from ssl.distributed import all_reduce_sum
 from ssl.objectives.base import IncompatibleConfigError, Objective, StepContext, TeacherSpec
 from ssl.optim.clipping import clip_gradients
-from ssl.optim.factory import build_optimizer, default_no_weight_decay, split_weight_decay
-from ssl.optim.nonfinite import NonFiniteGuard, all_finite
+from ssl.optim.factory import build_optimizer, default_no_weight_decay, skips_on_device, split_weight_decay
+from ssl.optim.nonfinite import DeviceCounters, NonFiniteGuard, all_finite
 from ssl.optim.schedules import LR_SCHEDULES, cosine_schedule, frozen_then, momentum_schedule
 from ssl.sharding import average_replicated_gradients, is_sharded, shard_modules, transformer_blocks
 from ssl.teacher import EMATeacher
@@ -128,8 +132,16 @@ class SSLModule(pl.LightningModule):
         self.schedules: dict[str, np.ndarray] = {}
         self.sharded = False
         self.guard = NonFiniteGuard(max_consecutive_nonfinite)
+        self.device_guard: DeviceCounters | None = None  # when the skip is decided on the device
+        self.progress_metrics: dict[str, float] = {}  # host values for the progress bar, per read
         self._loss_finite: torch.Tensor | None = None  # over this optimizer step's micro-batches
-        self._skip_step = False
+        self._skip_step = False  # decided on the host (fp16, optimizers that cannot skip themselves)
+        self._skip: torch.Tensor | None = None  # decided on the device
+        self._found_inf_on: torch.optim.Optimizer | None = None
+        self._weights_from: str | None = None  # the newest checkpoint when this step started
+        self._last_loss: torch.Tensor | None = None
+        self._steps_since_read = 0
+        self._schedule_tensors: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
 
     def configure_model(self) -> None:
         """`trainer.strategy=fsdp` (a device mesh from Lightning): shard the blocks with FSDP2.
@@ -224,6 +236,19 @@ class SSLModule(pl.LightningModule):
         values = self.schedules[name]
         return float(values[min(self.global_step, len(values) - 1)])
 
+    def scheduled_tensor(self, name: str) -> torch.Tensor:
+        """`scheduled(name)` as a 0-dim device tensor, to log without a sync.
+
+        Logging a float copies it to the device (a blocking copy); the schedule is copied once
+        instead, and indexing it is a view.
+        """
+        values = self.schedules[name]
+        cached = self._schedule_tensors.get(name)
+        if cached is None or cached[0] is not values or cached[1].device != self.device:
+            cached = (values, torch.as_tensor(values, dtype=torch.float32, device=self.device))
+            self._schedule_tensors[name] = cached
+        return cached[1][min(self.global_step, len(values) - 1)]
+
     def context(self) -> StepContext:
         return StepContext(
             epoch=self.current_epoch, step=self.global_step,
@@ -248,14 +273,16 @@ class SSLModule(pl.LightningModule):
                 logs[f"{name}/{key}"] = value
         finite = torch.isfinite(total.detach()).all()
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        self._last_loss = total.detach()
         batch_size = len(batch["index"])
-        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        # No prog_bar=True: Lightning turns those into Python numbers after every batch (a sync);
+        # the progress bar shows `progress_metrics` instead (ssl/callbacks/progress.py).
+        self.log("train/loss", total.detach(), batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
-        if self.schedules:
-            self.log("train/lr", self.scheduled("lr"), prog_bar=True, batch_size=batch_size)
-            self.log("train/weight_decay", self.scheduled("weight_decay"), batch_size=batch_size)
-            if "momentum" in self.schedules:
-                self.log("train/teacher_momentum", self.scheduled("momentum"), batch_size=batch_size)
+        logged = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "teacher_momentum"}
+        for name, key in logged.items():
+            if name in self.schedules:
+                self.log(f"train/{key}", self.scheduled_tensor(name), batch_size=batch_size)
         return total
 
     def on_train_epoch_end(self) -> None:
@@ -266,23 +293,38 @@ class SSLModule(pl.LightningModule):
                 self.log(f"train/{name}/{key}", value, on_epoch=True, on_step=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip a non-finite step, else clip (DINO: per parameter, after AMP unscaling) and run
-        the objective hooks (DINO freeze).
+        """Decide whether this step is applied, clip (DINO: per parameter, after AMP unscaling) and
+        run the objective hooks (DINO freeze).
 
         Lightning calls this after backward (and after the fp16 scaler's unscaling), inside
-        `optimizer.step`. A skipped step has its gradients dropped: the optimizers step no
+        `optimizer.step`. With an optimizer that skips itself on the device (`skips_on_device`:
+        fused AdamW / SGD, LARS) and no fp16 GradScaler, the decision never reaches the host: the
+        optimizer gets it as `found_inf`, the teacher as a gated weight, the guard's counters stay
+        on the device (`read_guard`), and clipping and the hooks run on every step (clipping
+        non-finite gradients is harmless when the update is gated). Otherwise (fp16: the GradScaler
+        sets `found_inf` itself and already syncs; other optimizers) the flags are read here, one
+        sync per step, and a skipped step has its gradients dropped: the optimizers step no
         parameter without a gradient, so weights, moments and step counts stay as they were.
         """
         self.unscale_gradients(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.sharded:  # FSDP2 reduced the blocks' gradients; the replicated rest is averaged here
             average_replicated_gradients(params)
+        self._weights_from = self.newest_checkpoint()
+        if self.grad_scaler() is None and skips_on_device(optimizer):
+            bad = self.nonfinite_flags(params).sum() > 0
+            optimizer.found_inf = bad.float()  # what torch's fused optimizers read (0-dim float32)
+            self._found_inf_on, self._skip = optimizer, bad
+            if self.device_guard is None:
+                self.device_guard = DeviceCounters(bad.device)
+            self.device_guard.update(bad, self.global_step, self.guard.max_consecutive)
+            self.clip_and_run_hooks(params)
+            self.log("train/nonfinite_skipped", self.device_guard.skipped.float())
+            self.log("train/nonfinite_consecutive", self.device_guard.consecutive.float())
+            return
         if self.step_is_finite(params):
-            self.guard.good(self.newest_checkpoint())
-            clip_gradients(params, self.optim_cfg.clip_grad, self.optim_cfg.clip_mode)
-            ctx = self.context()
-            for objective in self.objectives.values():
-                objective.before_optimizer_step(ctx)
+            self.guard.good(self._weights_from)
+            self.clip_and_run_hooks(params)
         else:
             self._skip_step = True
             for param in params:
@@ -291,6 +333,13 @@ class SSLModule(pl.LightningModule):
         self.log("train/nonfinite_consecutive", float(self.guard.consecutive))
         if self.guard.overflows:
             self.log("train/amp_overflow_skipped", float(self.guard.overflows))
+
+    def clip_and_run_hooks(self, params: list[nn.Parameter]) -> None:
+        """Gradient clipping, then the objectives' pre-step hooks (DINO's last-layer freeze)."""
+        clip_gradients(params, self.optim_cfg.clip_grad, self.optim_cfg.clip_mode)
+        ctx = self.context()
+        for objective in self.objectives.values():
+            objective.before_optimizer_step(ctx)
 
     def newest_checkpoint(self) -> str | None:
         """The newest periodic checkpoint written (else the one this run resumed from), or None.
@@ -320,19 +369,25 @@ class SSLModule(pl.LightningModule):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)
 
-    def step_is_finite(self, params: list[nn.Parameter]) -> bool:
-        """Whether this optimizer step's losses and gradients are finite on every rank.
-
-        One host sync per optimizer step; the flags are summed over ranks so all of them skip
-        together. Under an fp16 GradScaler, inf gradients with a finite loss are the scaler's
-        overflows (it skips them and lowers its scale): counted apart, never a reason to stop.
-        Raises `NonFiniteLossError` after too many consecutive failures.
-        """
-        loss_ok = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
+    def nonfinite_flags(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """[loss not finite, gradients not finite] of this optimizer step, summed over ranks so that
+        all of them decide alike; on the device, no host sync."""
+        loss_ok = self._loss_finite
+        if loss_ok is None:
+            loss_ok = torch.ones((), dtype=torch.bool, device=self.device)
         self._loss_finite = None
-        grads_ok = all_finite(p.grad for p in params)
+        grads_ok = all_finite((p.grad for p in params), device=self.device)
         flags = torch.stack([~loss_ok.to(self.device), ~grads_ok.to(self.device)]).float()
-        bad_loss, bad_grads = (bool(v) for v in all_reduce_sum(flags).tolist())
+        return all_reduce_sum(flags)
+
+    def step_is_finite(self, params: list[nn.Parameter]) -> bool:
+        """Whether this optimizer step's losses and gradients are finite on every rank (host path).
+
+        One host sync per optimizer step. Under an fp16 GradScaler, inf gradients with a finite
+        loss are the scaler's overflows (it skips them and lowers its scale): counted apart, never
+        a reason to stop. Raises `NonFiniteLossError` after too many consecutive failures.
+        """
+        bad_loss, bad_grads = (bool(v) for v in self.nonfinite_flags(params).tolist())
         if not (bad_loss or bad_grads):
             return True
         if bad_grads and not bad_loss and self.grad_scaler() is not None:
@@ -347,6 +402,7 @@ class SSLModule(pl.LightningModule):
         """Set this step's lr / wd, step, then move the teacher (once per optimizer step).
 
         The teacher stays put when the step was skipped (non-finite, or an fp16 scaler overflow).
+        Every `read_interval()` steps the host reads the device state (`read_guard`).
         """
         if self.schedules:
             lr, wd = self.scheduled("lr"), self.scheduled("weight_decay")
@@ -354,11 +410,53 @@ class SSLModule(pl.LightningModule):
                 group["lr"] = lr * group.get("lr_scale", 1.0)
                 if group.get("apply_weight_decay") and not group.get("fixed_weight_decay"):
                     group["weight_decay"] = wd
-        self._skip_step = False
-        optimizer.step(closure=optimizer_closure)
+        self._skip_step, self._skip = False, None
+        try:
+            optimizer.step(closure=optimizer_closure)
+        finally:
+            if self._found_inf_on is not None:  # set for this step only
+                del self._found_inf_on.found_inf
+                self._found_inf_on = None
         if self.teacher is not None and not self._skip_step:
             momentum = self.scheduled("momentum") if self.schedules else self.teacher.spec.momentum
-            self.teacher.update(self.mirrored_by_teacher(), momentum)
+            self.teacher.update(self.mirrored_by_teacher(), momentum, skip=self._skip)
+        self._steps_since_read += 1
+        if self._steps_since_read >= self.read_interval():
+            self.read_guard()
+
+    def read_interval(self) -> int:
+        """Optimizer steps between two host reads of the device state: `trainer.log_every_n_steps`."""
+        return max(1, int(self.trainer.log_every_n_steps)) if self._trainer else 50
+
+    def read_guard(self) -> None:
+        """The host's look at the device state, in one copy (the only sync of the steps between).
+
+        The guard's counters (raising `NonFiniteLossError` if the limit was reached since the last
+        read) and the loss for the progress bar. Called every `read_interval()` steps, before every
+        checkpoint save (so the last good checkpoint is known before pruning, and a run past its
+        limit stops instead of saving) and at the end of training.
+        """
+        self._steps_since_read = 0
+        parts = [self.device_guard.values()] if self.device_guard is not None else []
+        if self._last_loss is not None:
+            parts.append(self._last_loss.double().reshape(1))
+        if not parts:
+            return
+        values = torch.cat(parts).tolist()
+        if self._last_loss is not None:
+            self.progress_metrics = {"train/loss": values.pop()}
+            if self.schedules:
+                self.progress_metrics["train/lr"] = self.scheduled("lr")
+        if self.device_guard is not None:
+            self.device_guard.apply(values, self.guard, self._weights_from)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Read the guard before each save (see `read_guard`)."""
+        self.read_guard()
+
+    def on_train_end(self) -> None:
+        """A limit reached in the last steps before the end still stops the run with its message."""
+        self.read_guard()
 
     def eval_backbone(self, which: str = "teacher") -> Backbone:
         """The backbone evaluations use: the teacher's when there is one (DINO's protocol)."""

@@ -26,6 +26,7 @@ from ssl.backbones.factory import build_backbone, check_backbone_name, is_vit_na
 from ssl.callbacks.attention_maps import AttentionMaps
 from ssl.callbacks.online_knn import OnlineKNN
 from ssl.callbacks.online_linear import OnlineLinearProbe
+from ssl.callbacks.progress import LazyProgressBar
 from ssl.callbacks.reconstructions import ReconstructionGrid, can_reconstruct
 from ssl.callbacks.rng_state import RNGStateCheckpoint
 from ssl.callbacks.skipped_images import SkippedImages
@@ -193,6 +194,9 @@ def build_trainer(
         trainer_args["precision"] = default_precision()
     if uses_block_sharding(cfg.trainer):
         trainer_args["strategy"] = BlockShardedStrategy()
+    if trainer_args.get("enable_progress_bar") is not False and not trainer_args.get("barebones"):
+        # Refreshed as often as the module reads the loss from the device (see LazyProgressBar).
+        callbacks = [LazyProgressBar(refresh_rate=trainer_args.get("log_every_n_steps") or 50), *callbacks]
     return pl.Trainer(
         **trainer_args,
         default_root_dir=str(run_dir),

@@ -57,13 +57,25 @@ class EMATeacher(nn.Module):
         return self.module[key]
 
     @torch.no_grad()
-    def update(self, student: nn.ModuleDict, momentum: float) -> None:
-        """theta_t <- m theta_t + (1 - m) theta_s over parameters (one fused foreach op)."""
+    def update(self, student: nn.ModuleDict, momentum: float, skip: torch.Tensor | None = None) -> None:
+        """theta_t <- m theta_t + (1 - m) theta_s over parameters (fused foreach ops).
+
+        `skip`: a 0-dim bool tensor on the device, True when the optimizer step was skipped; the
+        teacher then stays put, decided on the device (weight (1 - m)(1 - skip)) without a host sync.
+        `_foreach_lerp_` takes its weight as a host scalar only (a tensor is read with a sync), so
+        the gated form is t += w (s - t) with a tensor w: one temporary copy of the parameters.
+        """
         teacher_params = [local(p) for p in self.module.parameters()]
         student_params = [local(p.detach()) for p in student.parameters()]
         if len(teacher_params) != len(student_params):
             raise RuntimeError("teacher and student have different parameter lists")
-        torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+        if skip is None:
+            torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+        elif teacher_params:
+            weight = (1.0 - momentum) * (~skip).to(teacher_params[0].dtype)
+            deltas = torch._foreach_sub(student_params, teacher_params)
+            torch._foreach_mul_(deltas, weight)
+            torch._foreach_add_(teacher_params, deltas)
         if self.spec.buffers == "copy":
             for t, s in zip(self.module.buffers(), student.buffers()):
-                t.copy_(s)
+                t.copy_(s if skip is None else torch.where(skip, t, s))

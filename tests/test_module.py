@@ -69,9 +69,9 @@ def test_teacher_moves_once_per_optimizer_step_under_accumulation(tmp_path) -> N
     calls = []
     original = module.teacher.update
 
-    def spy(student, momentum):
+    def spy(student, momentum, skip=None):
         calls.append(momentum)
-        original(student, momentum)
+        original(student, momentum, skip)
 
     module.teacher.update = spy
     trainer = pl.Trainer(

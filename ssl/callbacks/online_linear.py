@@ -76,22 +76,31 @@ class OnlineLinearProbe(pl.Callback):
         was_training = backbone.training
         backbone.eval()
         with torch.no_grad():
-            features = backbone(first_view(batch)[known]).float()
+            features = backbone(first_view(batch)).float()
         backbone.train(was_training)
+        # Every image goes through and unlabeled ones weigh 0: selecting the labeled ones would size
+        # the batch from the data, a host sync on GPUs. A batch without labels gives a zero loss,
+        # which still joins the gradient all-reduce.
+        count = known.sum()
         with torch.enable_grad():
             logits = self.linear(features)
-            # A batch without labels still joins the gradient all-reduce, with a zero loss.
-            loss = F.cross_entropy(logits, labels[known]) if known.any() else logits.sum() * 0.0
+            losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+            loss = torch.where(known, losses, 0.0).sum() / count.clamp(min=1)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         if world_size() > 1:
             for param in self.linear.parameters():
                 all_reduce_sum(param.grad).div_(world_size())
         self.optimizer.step()
-        if known.any():
-            top1 = 100.0 * (logits.argmax(dim=1) == labels[known]).float().mean()
-            metrics = {"online_linear/train_loss": loss.detach(), "online_linear/train_top1": top1.detach()}
-            module.log_dict(metrics, batch_size=int(known.sum()))
+        with torch.no_grad():
+            correct = (logits.argmax(dim=1) == labels).sum()  # label -1 never matches
+            top1 = 100.0 * correct / count.clamp(min=1)
+            # NaN, not 0, for a batch without labels.
+            metrics = {
+                "online_linear/train_loss": torch.where(count > 0, loss.detach(), torch.nan),
+                "online_linear/train_top1": torch.where(count > 0, top1, torch.nan),
+            }
+        module.log_dict(metrics, batch_size=len(labels))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if is_due(trainer, self.every_n_epochs):

@@ -7,7 +7,8 @@ cluster it was given in the *previous* epoch, against the previous epoch's centr
 Distributed contract: every state update takes the *global* (all-gathered, rank-ordered) batch of features,
 labels and instance indices, and is deterministic on any device (no float atomics, explicit
 last-write-wins for duplicate indices, float32 with autocast off). Every rank therefore holds bit-identical
-state without relying on DDP re-broadcasting buffers.
+state without relying on DDP re-broadcasting buffers. No update reads a value on the host or makes a shape
+depend on the data (bincount, unique, boolean selection), so a GPU step never waits for the device.
 
 State layouts, per clustering head:
   centers   [K, d]  float32, one unit-norm centre per *row* (the official code stores [d, K]; rows make the
@@ -49,6 +50,13 @@ def assign_clusters(features: torch.Tensor, centers: torch.Tensor, duals: torch.
     return scores.argmax(dim=1)
 
 
+def cluster_counts(labels: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """Points per cluster, int64 [K]: `torch.bincount` without its host read of the largest label."""
+    labels = labels.long()
+    counts = torch.zeros(num_clusters, dtype=torch.long, device=labels.device)
+    return counts.scatter_add_(0, labels, torch.ones_like(labels))
+
+
 @torch.no_grad()
 def dual_update(
     duals: torch.Tensor, labels: torch.Tensor, num_clusters: int, lr: float = 20.0, ratio: float = 0.4
@@ -59,7 +67,7 @@ def dual_update(
     attract points. As in the official code the clamp only applies for a lower bound (ratio < 1); the
     subtraction and the addition are done in the code's order so the values match it bit for bit.
     """
-    counts = torch.bincount(labels.long(), minlength=num_clusters)
+    counts = cluster_counts(labels, num_clusters)
     new = duals - (lr / labels.numel()) * counts.to(duals.dtype)
     new = new + lr * (ratio / num_clusters)
     return new.clamp(min=0.0) if ratio < 1 else new
@@ -83,7 +91,7 @@ def center_update(
     """
     num_clusters = centers.shape[0]
     labels = labels.long()
-    counts = torch.bincount(labels, minlength=num_clusters)
+    counts = cluster_counts(labels, num_clusters)
     present = counts > 0
     new_counters = counters + counts.to(counters.dtype)
     with _no_autocast(features.device):
@@ -146,25 +154,42 @@ def label_memory_bytes(
 
 
 def _last_occurrence(indices: torch.Tensor) -> torch.Tensor:
-    """Positions of the last occurrence of every distinct index (in batch order).
+    """For every position, the position of the last occurrence of the same index (in batch order).
 
-    Indexed writes with duplicate indices leave the winner undefined on CUDA; writing only these
-    positions makes "the last write wins" (the official code's CPU behaviour) explicit and deterministic.
-    DistributedSampler pads with duplicates, so the gathered batch can hold an instance twice.
+    Indexed writes with duplicate indices leave the winner undefined on CUDA; giving every duplicate the
+    value of the last one makes "the last write wins" (the official code's CPU behaviour) explicit and
+    deterministic. DistributedSampler pads with duplicates, so the gathered batch can hold an instance twice.
+    A stable sort keeps the shapes static (no `unique`, which waits for the device to size its output).
     """
-    distinct, inverse = torch.unique(indices, return_inverse=True)
-    positions = torch.arange(indices.numel(), device=indices.device)
-    last = torch.full((distinct.numel(),), -1, dtype=torch.long, device=indices.device)
-    return last.scatter_reduce(0, inverse, positions, reduce="amax")
+    n = indices.numel()
+    order = torch.sort(indices, stable=True).indices
+    ranks = torch.arange(n, device=indices.device)
+    sorted_ids = indices[order]
+    run_end = torch.ones(n, dtype=torch.bool, device=indices.device)
+    run_end[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+    # In sorted order each run of equal indices ends at its last occurrence (stable sort); the
+    # reversed running minimum of the run ends carries that position back over the whole run.
+    ends = torch.where(run_end, ranks, n).flip(0).cummin(0).values.flip(0)
+    last = torch.empty_like(order)
+    last[order] = order[ends]
+    return last
 
 
 @torch.no_grad()
-def store_labels(memory: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor) -> None:
-    """memory[indices] <- labels in place (global batch); for duplicate indices the last one wins."""
+def store_labels(
+    memory: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor, apply: torch.Tensor | None = None
+) -> None:
+    """memory[indices] <- labels in place (global batch); for duplicate indices the last one wins.
+
+    `apply`: a 0-dim bool tensor; when False the memory is written back unchanged (decided on the device).
+    """
     if indices.numel() == 0:
         return
-    keep = _last_occurrence(indices)
-    memory[indices[keep].long()] = labels[keep].to(memory.dtype)
+    rows = indices.long()
+    new = labels[_last_occurrence(indices)].to(memory.dtype)
+    if apply is not None:
+        new = torch.where(apply, new, memory[rows])
+    memory[rows] = new
 
 
 @torch.no_grad()
@@ -191,6 +216,7 @@ def update_label_memory(
     new_labels: torch.Tensor,
     epoch: int,
     stage: int,
+    apply: torch.Tensor | None = None,
 ) -> None:
     """Stage-2 soft-label memory: a running average of one-hot assignments kept in S slots, in place.
 
@@ -200,23 +226,28 @@ def update_label_memory(
     else evict the smallest-weight slot and renormalise the rest by 1 / (1 - evicted weight); then scale all
     weights by (1 - f) and add f to the new label's slot. Only slots with positive weight count as holding
     a label (the official code's ones-initialised memory makes label 1 also match never-used slots).
+    Every duplicate of an index computes the same row from the last one's label, so all writes agree.
+    `apply`: a 0-dim bool tensor; when False every row is written back unchanged (decided on the device).
     """
     if indices.numel() == 0:
         return
-    keep = _last_occurrence(indices)
-    rows = indices[keep].long()
-    new = new_labels[keep].to(labels.dtype)
+    rows = indices.long()
+    new = new_labels[_last_occurrence(indices)].to(labels.dtype)
     slots = labels.shape[1]
+
+    def gated(memory: torch.Tensor, index: tuple, value: torch.Tensor | float) -> None:
+        memory[index] = value if apply is None else torch.where(apply, value, memory[index])
+
     if epoch < stage or slots == 1:
-        labels[rows, 0] = new
+        gated(labels, (rows, 0), new)
         if epoch >= stage:
-            weights[rows, 0] = 1.0
+            gated(weights, (rows, 0), torch.ones_like(new, dtype=weights.dtype))
         return
     if epoch == stage:
-        labels[rows, 0] = new
+        gated(labels, (rows, 0), new)
         fresh = torch.zeros(rows.numel(), slots, dtype=weights.dtype, device=weights.device)
         fresh[:, 0] = 1.0
-        weights[rows] = fresh
+        gated(weights, (rows,), fresh)
         return
     factor = 1.0 / (epoch - stage + 1)
     row_labels, row_weights = labels[rows], weights[rows]
@@ -227,8 +258,8 @@ def update_label_memory(
     row_weights = row_weights.scatter(1, slot, row_weights.gather(1, slot) - evicted)
     row_weights = row_weights * ((1.0 - factor) / (1.0 - evicted))
     row_weights = row_weights.scatter_add(1, slot, torch.full_like(evicted, factor))
-    labels[rows] = row_labels.scatter(1, slot, new.unsqueeze(1))
-    weights[rows] = row_weights
+    gated(labels, (rows,), row_labels.scatter(1, slot, new.unsqueeze(1)))
+    gated(weights, (rows,), row_weights)
 
 
 @torch.no_grad()

@@ -51,6 +51,31 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, beta: float = 2.0)
     return F.smooth_l1_loss(pred, target, beta=beta)
 
 
-def feature_std(x: torch.Tensor) -> torch.Tensor:
-    """Mean over dimensions of the per-dimension std across rows (a collapse monitor, fairseq's var)."""
-    return x.float().std(dim=0).mean() if x.shape[0] > 1 else x.new_zeros(())
+def masked_regression_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, beta: float = 2.0
+) -> torch.Tensor:
+    """`regression_loss` over the masked positions only: pred / target [B, L, D], mask [B, L] bool.
+
+    The same mean as `regression_loss(pred[mask], target[mask])`, without selecting the rows:
+    a boolean selection sizes its output from the data, which makes the host wait for a GPU.
+    """
+    pred, target = pred.float(), target.float()
+    if beta == 0:
+        per_element = F.mse_loss(pred, target, reduction="none")
+    else:
+        per_element = F.smooth_l1_loss(pred, target, beta=beta, reduction="none")
+    selected = torch.where(mask.unsqueeze(-1), per_element, 0.0)
+    return selected.sum() / (mask.sum() * pred.shape[-1])
+
+
+def masked_feature_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over dimensions of the per-dimension std across the masked rows (fairseq's var monitor).
+
+    x [B, L, D], mask [B, L] bool; 0 with fewer than two masked rows. No boolean selection (see above).
+    """
+    rows = mask.reshape(-1, 1)
+    x = torch.where(rows, x.float().reshape(rows.shape[0], -1), 0.0)
+    n = rows.sum()
+    mean = x.sum(dim=0) / n.clamp(min=1)
+    var = torch.where(rows, (x - mean) ** 2, 0.0).sum(dim=0) / (n - 1).clamp(min=1)
+    return torch.where(n > 1, var.sqrt().mean(), 0.0)

@@ -149,14 +149,14 @@ class CoKe(Objective):
         all_indices = all_gather_cat(indices.to(features.device))
         local = slice(offset, offset + features.shape[0])
         # Non-finite features (a corrupt batch on any rank, a diverging step) would poison the
-        # centres and label memory for good: such a batch updates no clustering state.
-        finite = bool(torch.isfinite(gathered).all())
+        # centres and label memory for good: such a batch updates no clustering state. Decided on
+        # the device (no host sync): the update runs and writes the old state back.
+        finite = torch.isfinite(gathered).all()
         targets = []
         for clustering in self.clusterings:
             fresh = clustering.assign(gathered, epoch)
             targets.append(clustering.targets(indices, fresh[local], epoch))
-            if finite:
-                clustering.update(gathered, all_indices, fresh, epoch)
+            clustering.update(gathered, all_indices, fresh, epoch, apply=finite)
         return targets
 
     def on_train_epoch_end(self, ctx: StepContext) -> dict[str, torch.Tensor]:

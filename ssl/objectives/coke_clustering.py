@@ -94,18 +94,34 @@ class ConstrainedKMeans(nn.Module):
         return torch.where(seen, soft, one_hot)
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor, epoch: int) -> None:
-        """One global batch: projected dual ascent, running-mean centres, label memory."""
-        self.duals.copy_(dual_update(self.duals, labels, self.num_clusters, self.dual_lr, self.ratio))
+    def update(
+        self,
+        features: torch.Tensor,
+        indices: torch.Tensor,
+        labels: torch.Tensor,
+        epoch: int,
+        apply: torch.Tensor | None = None,
+    ) -> None:
+        """One global batch: projected dual ascent, running-mean centres, label memory.
+
+        `apply`: a 0-dim bool tensor; when False (non-finite features) no state changes. Decided on the
+        device with `torch.where`, so the caller never waits for the GPU to know.
+        """
+
+        def gated(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+            return new if apply is None else torch.where(apply, new, old)
+
+        duals = dual_update(self.duals, labels, self.num_clusters, self.dual_lr, self.ratio)
         centers, counters = center_update(
             self.cur_centers, self.counters, features, labels, renormalize=not self.in_stage_two(epoch)
         )
-        self.cur_centers.copy_(centers)
-        self.counters.copy_(counters)
+        self.duals.copy_(gated(duals, self.duals))
+        self.cur_centers.copy_(gated(centers, self.cur_centers))
+        self.counters.copy_(gated(counters, self.counters))
         if self.label_weights is None:
-            store_labels(self.labels[:, 0], indices, labels)
+            store_labels(self.labels[:, 0], indices, labels, apply)
         else:
-            update_label_memory(self.labels, self.label_weights, indices, labels, epoch, self.stage)
+            update_label_memory(self.labels, self.label_weights, indices, labels, epoch, self.stage, apply)
 
     @torch.no_grad()
     def end_epoch(self, epoch: int) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from torch import nn
 from ssl.backbones.base import Backbone
 from ssl.backbones.vit import ViTBackbone
 from ssl.data.masking import BlockMasker, BlockMaskGenerator
-from ssl.losses.data2vec import data2vec_targets, feature_std, regression_loss
+from ssl.losses.data2vec import data2vec_targets, masked_feature_std, masked_regression_loss
 from ssl.objectives.base import (
     BatchMasker,
     IncompatibleConfigError,
@@ -143,13 +143,17 @@ class Data2Vec(Objective):
     def student_predictions(
         self, backbone: ViTBackbone, images: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """Mask token at masked positions (before positions are added), encode, regress: [M, D]."""
+        """Mask token at masked positions (before positions are added), encode, regress: [B, L, D].
+
+        Every patch is regressed and the loss keeps the masked ones: selecting them first would size
+        the head's input from the mask, a host sync on GPUs, to save one linear layer's work.
+        """
         tokens, grid = backbone.embed_patches(images)
         weight = mask.unsqueeze(-1).to(tokens.dtype)
         tokens = tokens * (1 - weight) + self.mask_token.to(tokens.dtype) * weight
         x, _ = backbone.run_blocks(backbone.add_prefix(backbone.add_position(tokens, grid)))
         patches = x[:, backbone.model.num_prefix_tokens :]
-        return self.head(patches[mask])
+        return self.head(patches)
 
     @torch.no_grad()
     def teacher_targets(self, teacher_backbone: ViTBackbone, images: torch.Tensor) -> torch.Tensor:
@@ -173,12 +177,11 @@ class Data2Vec(Objective):
             images = images.repeat_interleave(self.clone_batch, dim=0)
             targets = targets.repeat_interleave(self.clone_batch, dim=0)
         pred = self.student_predictions(backbone, images, mask)
-        target = targets[mask]
-        loss = regression_loss(pred, target, self.loss_beta)
+        loss = masked_regression_loss(pred, targets, mask, self.loss_beta)
         with torch.no_grad():
             metrics = {
-                "target_std": feature_std(target),
-                "pred_std": feature_std(pred),
+                "target_std": masked_feature_std(targets, mask),
+                "pred_std": masked_feature_std(pred, mask),
                 "masked_fraction": mask.float().mean(),
             }
         return ObjectiveOutput(loss, metrics)

@@ -40,20 +40,65 @@ def split_weight_decay(
     ]
 
 
+class FusedSGD(torch.optim.SGD):
+    """torch's fused SGD with a zero momentum buffer for every parameter from the start.
+
+    The fused kernel allocates its buffers uninitialised on the first step and fills them from that
+    step's gradients: a first step skipped through `found_inf` would leave them garbage, and a
+    parameter whose first gradient comes later (DINO's frozen last layer) makes the kernel fail. A
+    zero buffer gives the same first update (momentum x 0 + g = g).
+    """
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, fused=True, **kwargs)
+        self.zero_missing_buffers()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.zero_missing_buffers()
+
+    def zero_missing_buffers(self) -> None:
+        for group in self.param_groups:
+            if not group["momentum"]:
+                continue
+            for p in group["params"]:
+                state = self.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def can_fuse(groups: list[dict]) -> bool:
+    """Whether torch's fused kernels take every parameter (floating point, on CPU or CUDA)."""
+    params = [p for g in groups for p in g["params"]]
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step` skips its whole update (state and step counts included) when
+    `optimizer.found_inf` holds 1, read on the device: torch's fused Adam / AdamW / SGD, and LARS."""
+    if getattr(optimizer, "skips_on_found_inf", False):
+        return True
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
+        return all(group.get("fused") for group in optimizer.param_groups)
+    return False
+
+
 def build_optimizer(groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
     """AdamW (ViT recipes), SGD with momentum (convnet recipes) or LARS (CoKe's large batches).
 
     lr and weight decay start at 0: the training module writes them into the groups every step.
+    The fused kernels (CPU and CUDA) update every tensor in one pass, and skip a non-finite step on
+    the device (`found_inf`); they are used whenever every parameter allows it.
     """
     name = cfg.name
+    fused = can_fuse(groups)
     if name == "adamw":
-        # The fused kernel (CPU and CUDA) updates every tensor in one pass: less overhead per step.
-        params = [p for g in groups for p in g["params"]]
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
         return torch.optim.AdamW(
             groups, lr=0.0, betas=tuple(cfg.betas), weight_decay=0.0, fused=fused or None
         )
     if name == "sgd":
+        if fused:
+            return FusedSGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=0.0)
         return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=0.0)
     if name == "lars":
         # The group exempt from weight decay (biases, 1-D tensors) also skips the trust ratio,

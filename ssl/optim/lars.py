@@ -12,6 +12,10 @@ layer moves by about the same relative amount. The update follows CoKe's `coke/o
 The official code skips weight decay and the trust ratio for tensors with ndim <= 1; here the
 choice is per group (`lars_exclude`), which the optimizer factory sets on the group of biases and
 1-D tensors so that the same split drives the weight-decay schedule and the adaptation.
+
+Like torch's fused optimizers, a step skips itself when `optimizer.found_inf` (a 0-dim float tensor
+on the parameters' device) holds 1: weights and momentum stay as they were, decided on the device
+so that the training step never waits for the GPU to know whether its gradients were finite.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ class LARS(torch.optim.Optimizer):
     Group keys: lr, momentum, weight_decay, trust_coefficient (eta) and `lars_exclude`, which turns
     off both the weight decay and the trust ratio for that group (plain SGD with momentum there).
     """
+
+    skips_on_found_inf = True  # `step` honours `self.found_inf` on the device (see the module docstring)
 
     def __init__(
         self,
@@ -62,6 +68,7 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             # foreach kernels want one device and dtype per list.
             buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -72,11 +79,13 @@ class LARS(torch.optim.Optimizer):
                     raise RuntimeError("LARS does not support sparse gradients")
                 buckets.setdefault((p.device, p.dtype), []).append(p)
             for params in buckets.values():
-                self._update(params, group)
+                self._update(params, group, found_inf)
         return loss
 
-    def _update(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
-        """The update of one group's tensors that share a device and dtype."""
+    def _update(
+        self, params: list[torch.Tensor], group: dict[str, Any], found_inf: torch.Tensor | None = None
+    ) -> None:
+        """The update of one group's tensors that share a device and dtype; skipped if `found_inf`."""
         grads = [p.grad for p in params]
         if group["lars_exclude"]:
             updates = grads
@@ -98,6 +107,16 @@ class LARS(torch.optim.Optimizer):
             if "mu" not in state:
                 state["mu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buffers.append(state["mu"])
-        torch._foreach_mul_(buffers, group["momentum"])
+        if found_inf is None:
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+            return
+        # Gated on the device: a skipped step adds no (non-finite) update, keeps mu (factor 1) and
+        # moves the weights by lr * 0 * mu. An applied one computes exactly the ungated update.
+        keep = found_inf.to(params[0].device) == 0
+        updates = [torch.where(keep, u, 0.0) for u in updates]
+        dtype = params[0].dtype
+        torch._foreach_mul_(buffers, torch.where(keep, group["momentum"], 1.0).to(dtype))
         torch._foreach_add_(buffers, updates)
-        torch._foreach_add_(params, buffers, alpha=-group["lr"])
+        torch._foreach_add_(params, torch._foreach_mul(buffers, keep.to(dtype)), alpha=-group["lr"])
