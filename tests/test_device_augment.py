@@ -88,11 +88,18 @@ def reference_crop(crop: torch.Tensor, row: torch.Tensor, spec: D.Photometric) -
     return TF.normalize(x, list(MEAN), list(STD))
 
 
-@pytest.mark.parametrize("kind", ["global_first", "global_other", "local"])
+SPECS = {
+    **MultiCropTransform(2, 2, 24, 12, recipe="dino").photometric,
+    "coke_local": MultiCropTransform(2, 2, 24, 12, recipe="coke").photometric["local"],
+    "data2vec_plain": PlainCropTransform(24, color_jitter=0.4).photometric,  # no hue, always on
+    "hue_only": D.Photometric((0.0, 0.0, 0.0, 0.3), 0.7),
+}
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
 def test_batched_photometric_equals_the_crop_by_crop_reference(kind: str) -> None:
     """Every crop gets its own flags, factors, op order and sigma, in one batched call."""
-    transform = MultiCropTransform(2, 2, 24, 12, recipe="dino")
-    spec = transform.photometric[kind]
+    spec = SPECS[kind]
     torch.manual_seed(2)
     crops = torch.randint(0, 256, (64, 3, 24, 24), dtype=torch.uint8)
     draws = torch.stack([spec.draw() for _ in range(64)])

@@ -137,25 +137,15 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
 
 
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of `rgb_to_hsv`: pick (r, g, b) from (v, p, q, t) by the hue's sixth."""
+    """Inverse of `rgb_to_hsv`: channel c = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    with n = 5, 3, 1 for r, g, b (the sector table in closed form: no (N, 3, 6, H, W) stack)."""
     h, s, v = x.unbind(dim=1)
-    sector = torch.floor(h * 6.0)
-    frac = h * 6.0 - sector
-    sector = sector.to(torch.int64) % 6
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * frac)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - frac))).clamp(0.0, 1.0)
-    # For sectors 0..5: r = v q p p t v, g = t v v q p p, b = p p t v v q.
-    table = torch.stack(
-        (
-            torch.stack((v, q, p, p, t, v), dim=1),
-            torch.stack((t, v, v, q, p, p), dim=1),
-            torch.stack((p, p, t, v, v, q), dim=1),
-        ),
-        dim=1,
-    )  # (N, 3, 6, H, W)
-    index = sector.unsqueeze(1).unsqueeze(2).expand(-1, 3, 1, -1, -1)
-    return table.gather(2, index).squeeze(2)
+    chroma = v * s
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h * 6.0 + n, 6.0)
+        channels.append(v - chroma * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(channels, dim=1)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -179,12 +169,46 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return flat.view(n, c, h, w)
 
 
-JITTER_OPS = (
-    (BRIGHTNESS, adjust_brightness),
-    (CONTRAST, adjust_contrast),
-    (SATURATION, adjust_saturation),
-    (HUE, adjust_hue),
-)
+def _blend(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Brightness (op 0), contrast (1) or saturation (2) per crop, as one blend f x + (1 - f) r
+    with r = 0, the image's mean luma or the pixel's luma; f = 1 (an exact no-op) where not `chosen`."""
+    f = torch.where(chosen, factors.gather(1, op.clamp(max=2).unsqueeze(1)).squeeze(1), 1.0)
+    luma = grayscale(x)
+    op = _per_sample(op)
+    reference = torch.where(
+        op == 1, luma.mean(dim=(1, 2, 3), keepdim=True), torch.where(op == 2, luma, torch.zeros_like(luma))
+    )
+    f = _per_sample(f)
+    return (f * x + (1.0 - f) * reference).clamp(0.0, 1.0)
+
+
+def _jitter(x: torch.Tensor, draws: torch.Tensor, spec: Photometric) -> torch.Tensor:
+    """ColorJitter with each crop's own order of its four ops.
+
+    The hue rotation (the costly op) runs once over the batch: first every crop's blends that come
+    before its hue in its order, then the hue, then the blends after it. Each blend pass covers
+    brightness, contrast and saturation at one position of the order for the whole batch.
+    """
+    on = draws[:, JITTER_ON] > 0.5
+    factors = draws[:, [BRIGHTNESS, CONTRAST, SATURATION]]
+    order = draws[:, ORDER].long()
+    blends = bool(spec.jitter[0] or spec.jitter[1] or spec.jitter[2])
+    hue_at = (order == 3).float().argmax(dim=1)  # the position of the hue in each crop's order
+
+    def blend_positions(out: torch.Tensor, before_hue: bool) -> torch.Tensor:
+        for position in range(4):
+            op = order[:, position]
+            side = position < hue_at if before_hue else position > hue_at
+            out = _blend(out, op, factors, on & (op < 3) & side)
+        return out
+
+    if blends:
+        x = blend_positions(x, before_hue=True)
+    if spec.jitter[3]:
+        x = torch.where(_per_sample(on), adjust_hue(x, draws[:, HUE]), x)
+    if blends:
+        x = blend_positions(x, before_hue=False)
+    return x
 
 
 def apply_photometric(
@@ -205,18 +229,8 @@ def apply_photometric(
     def where(flag: torch.Tensor, changed: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         return torch.where(_per_sample(flag) > 0.5, changed, kept)
 
-    active = [
-        (op_index, column, op)
-        for op_index, (column, op) in enumerate(JITTER_OPS)
-        if spec.jitter_p > 0.0 and spec.jitter[op_index]
-    ]
-    if active:
-        on = draws[:, JITTER_ON] > 0.5
-        order = draws[:, ORDER]
-        for position in range(4):
-            for op_index, column, op in active:
-                chosen = on & (order[:, position] == op_index)
-                x = where(chosen.float(), op(x, draws[:, column]), x)
+    if spec.jitter_p > 0.0 and any(spec.jitter):
+        x = _jitter(x, draws, spec)
     if spec.grayscale_p > 0.0:
         x = where(draws[:, GRAYSCALE], grayscale(x).expand_as(x), x)
     if spec.blur_p > 0.0:
