@@ -20,6 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
 
 from ssl.backbones.acceleration import compile_backbone, use_channels_last, wants_channels_last
 from ssl.backbones.factory import build_backbone, check_backbone_name, is_vit_name
@@ -288,6 +289,20 @@ def build_online_linear(cfg: DictConfig, module: SSLModule, eval_sets: tuple | N
     )
 
 
+def build_datamodule(
+    cfg: DictConfig, module: SSLModule, dataset: Dataset | None = None
+) -> PretrainDataModule:
+    """The train loader's data module: the views and masks the module's objectives ask for, with
+    the `data.*` settings. `dataset`: the already built pretrain split (None: built on setup)."""
+    views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
+    maskers = [m for o in module.objectives.values() for m in o.batch_maskers()]
+    return PretrainDataModule(
+        cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset, maskers=maskers,
+        seed=cfg.seed, augment_on=cfg.data.get("augment_on", "cpu"),
+        prefetch_factor=cfg.data.get("prefetch_factor", 2),
+    )
+
+
 @dataclass
 class PreparedRun:
     module: SSLModule
@@ -307,13 +322,7 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     sharded = uses_block_sharding(cfg.trainer)
     if sharded:
         transformer_blocks(module.backbone)  # FSDP needs a ViT: fail now, not in every rank
-    views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
-    maskers = [m for o in module.objectives.values() for m in o.batch_maskers()]
-    data = PretrainDataModule(
-        cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset, maskers=maskers,
-        seed=cfg.seed, augment_on=cfg.data.get("augment_on", "cpu"),
-        prefetch_factor=cfg.data.get("prefetch_factor", 2),
-    )
+    data = build_datamodule(cfg, module, dataset)
     # Only once every check has passed: a failed start leaves no run.
     resume = prepare_run_dir(run_dir, cfg)
     knn = None

@@ -31,10 +31,10 @@ from ssl.benchmark.timing import (
     time_it,
     total_time,
 )
-from ssl.data.datamodule import PretrainDataModule, merge_view_specs
+from ssl.data.datamodule import merge_view_specs
 from ssl.data.datasets import build_dataset
 from ssl.module import SSLModule
-from ssl.pretrain import build_module
+from ssl.pretrain import build_datamodule, build_module
 
 
 def endless(loader: Any) -> Iterator[Any]:
@@ -60,12 +60,7 @@ def real_data_rates(
     """Steps/s with batches from the real train loader (as ssl.pretrain builds it, through the
     transfer and `on_after_batch_transfer` Lightning would do) vs on one batch already on the
     device: whether the data pipeline keeps the model fed."""
-    views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
-    maskers = [m for o in module.objectives.values() for m in o.batch_maskers()]
-    data = PretrainDataModule(
-        cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset, maskers=maskers,
-        seed=cfg.seed,
-    )
+    data = build_datamodule(cfg, module, dataset)
     batches = endless(data.train_dataloader())
 
     def next_batch() -> dict[str, Any]:
@@ -188,9 +183,10 @@ def benchmark(cfg: DictConfig, steps: int = 10, warmup: int = 3) -> dict[str, An
 
 
 def data_pipeline_rate(cfg: DictConfig, module: SSLModule, n: int = 300) -> float:
-    """Images per second through the views transform in one process (one data-loader worker)."""
-    views = merge_view_specs([o.view_spec() for o in module.objectives.values()])
-    transform = PretrainDataModule(cfg.dataset, views, 1, 0).transform()
+    """Images per second through the views transform in one process (one data-loader worker).
+
+    With data.augment_on=device that is the worker's share only (crop, flip, uint8, draws)."""
+    transform = build_datamodule(cfg, module).transform()
     try:
         dataset = build_dataset(cfg.dataset, "pretrain")
     except (FileNotFoundError, ValueError):
