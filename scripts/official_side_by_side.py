@@ -15,6 +15,14 @@ them), as each framework trains.
 
     python scripts/official_side_by_side.py dino --official /path/to/dino --arch vit_tiny --batch 16
     python scripts/official_side_by_side.py mae --official /path/to/mae --batch 8
+
+On a GPU (`--device cuda`, the default when one is present) both sides run under the same
+`--amp`: fp16 with a GradScaler is what both official trainings use by default (DINO's
+`--use_fp16 true`, MAE's NativeScaler); `--amp bf16` is our default on GPUs that support it.
+The official DINO recipe at its batch per GPU:
+
+    python scripts/official_side_by_side.py dino --official /path/to/dino --arch vit_small \
+        --batch 64 --local-crops 10 --amp fp16
 """
 
 from __future__ import annotations
@@ -35,9 +43,20 @@ sys.path.insert(0, str(REPO_ROOT))  # this repository's ssl (a superset of the s
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from ssl.benchmark import training_step  # noqa: E402
+from ssl.benchmark.step import attach_grad_scaler, training_step  # noqa: E402
+from ssl.benchmark.timing import synchronize  # noqa: E402
 
 TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224"}
+AMP = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(args: argparse.Namespace) -> Any:
+    return torch.autocast(args.device.type, dtype=AMP[args.amp], enabled=args.amp != "none")
+
+
+def grad_scaler(args: argparse.Namespace) -> torch.amp.GradScaler | None:
+    """Loss scaling for fp16, as both official trainings do it; None otherwise."""
+    return torch.amp.GradScaler(args.device.type) if args.amp == "fp16" else None
 
 
 def crops(args: argparse.Namespace, seed: int) -> list[torch.Tensor]:
@@ -65,6 +84,9 @@ class OfficialDINO:
         for p in self.teacher.parameters():
             p.requires_grad = False
         self.loss = main_dino.DINOLoss(args.out_dim, args.local_crops + 2, 0.04, 0.04, 0, 100)
+        for part in (self.student, self.teacher, self.loss):
+            part.to(args.device)
+        self.args, self.scaler = args, grad_scaler(args)
         self.optimizer = torch.optim.AdamW(utils.get_params_groups(self.student))
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = 5e-4
@@ -72,34 +94,55 @@ class OfficialDINO:
                 group["weight_decay"] = 0.04
 
     def step(self, images: list[torch.Tensor]) -> None:
-        teacher_output = self.teacher(images[:2])
-        student_output = self.student(images)
-        loss = self.loss(student_output, teacher_output, 1)
+        with autocast(self.args):
+            teacher_output = self.teacher(images[:2])
+            student_output = self.student(images)
+            loss = self.loss(student_output, teacher_output, 1)
         self.optimizer.zero_grad()
-        loss.backward()
-        self.utils.clip_gradients(self.student, 3.0)
-        self.utils.cancel_gradients_last_layer(1, self.student, 1)
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.utils.clip_gradients(self.student, 3.0)
+            self.utils.cancel_gradients_last_layer(1, self.student, 1)
+            self.optimizer.step()
+        else:  # main_dino.train_one_epoch with --use_fp16 true
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            self.utils.clip_gradients(self.student, 3.0)
+            self.utils.cancel_gradients_last_layer(1, self.student, 1)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         with torch.no_grad():
             m = 0.996
             for param_q, param_k in zip(self.student.parameters(), self.teacher.parameters()):
                 param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
 
 
-def our_module(overrides: list[str]) -> Any:
-    """The SSLModule `python -m ssl.pretrain <overrides>` trains, with its optimizer."""
+def our_module(overrides: list[str], args: argparse.Namespace) -> Any:
+    """The SSLModule `python -m ssl.pretrain <overrides>` trains, with its optimizer, on the device."""
     from ssl.pretrain import CONFIG_DIR, build_module
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "run_dir=unused"])
-    module = build_module(cfg, num_samples=1000)
+    module = build_module(cfg, num_samples=1000).to(args.device)
     module.train()
     optimizer = module.configure_optimizers()
     module.schedules = module.build_schedules(1000, 100)
-    return module, optimizer
+    scaler = attach_grad_scaler(module, args.device) if args.amp == "fp16" else None
+    return module, optimizer, scaler
 
 
-class OursDINO:
+class Ours:
+    """One full step of our module, as Lightning drives it, under the chosen autocast."""
+
+    def __init__(self, overrides: list[str], args: argparse.Namespace) -> None:
+        self.module, self.optimizer, self.scaler = our_module(overrides, args)
+        self.dtype = AMP[args.amp]
+
+    def run(self, batch: dict[str, Any]) -> None:
+        training_step(self.module, self.optimizer, batch, self.dtype, self.scaler)
+
+
+class OursDINO(Ours):
     """`python -m ssl.pretrain objective=dino` with the same settings."""
 
     def __init__(self, args: argparse.Namespace) -> None:
@@ -109,10 +152,10 @@ class OursDINO:
             f"objective.dino.local_crops={args.local_crops}", "backbone.drop_path_rate=0.1",
             f"data.batch_size={args.batch}",
         ]
-        self.module, self.optimizer = our_module(overrides)
+        super().__init__(overrides, args)
 
     def step(self, images: list[torch.Tensor]) -> None:
-        training_step(self.module, self.optimizer, {"views": images, "index": torch.arange(len(images[0]))})
+        self.run({"views": images, "index": torch.arange(len(images[0]), device=images[0].device)})
 
 
 class OfficialMAE:
@@ -134,7 +177,8 @@ class OfficialMAE:
         sys.path.insert(0, args.official)
         models_mae = importlib.import_module("models_mae")
         timm_vit.Block = block
-        self.model = models_mae.mae_vit_base_patch16(norm_pix_loss=True)
+        self.model = models_mae.mae_vit_base_patch16(norm_pix_loss=True).to(args.device)
+        self.args, self.scaler = args, grad_scaler(args)
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1]
         plain = [p for p in self.model.parameters() if p.requires_grad and p.ndim <= 1]
         self.optimizer = torch.optim.AdamW(
@@ -143,33 +187,48 @@ class OfficialMAE:
         )
 
     def step(self, images: list[torch.Tensor]) -> None:
-        loss, _, _ = self.model(images[0], mask_ratio=0.75)
-        loss.backward()
-        self.optimizer.step()
+        with autocast(self.args):
+            loss, _, _ = self.model(images[0], mask_ratio=0.75)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:  # util.misc.NativeScalerWithGradNormCount: scale, backward, unscale, grad norm, step
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
+            torch.norm(torch.stack([g.norm() for g in grads]))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad()
 
 
-class OursMAE:
+class OursMAE(Ours):
     """`python -m ssl.pretrain objective=mae backbone=vit_b dataset=imagenet`."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         overrides = ["objective=mae", "backbone=vit_b", "dataset=imagenet", "dataset.root=unused",
                      f"data.batch_size={args.batch}"]
-        self.module, self.optimizer = our_module(overrides)
+        super().__init__(overrides, args)
         self.masks = self.module.objectives["mae"].batch_maskers()
 
     def step(self, images: list[torch.Tensor]) -> None:
-        batch: dict[str, Any] = {"plain_views": images[:1], "index": torch.arange(len(images[0]))}
-        for masker in self.masks:  # drawn by the data loader's collate in training
-            batch.update(masker(len(images[0])))
-        training_step(self.module, self.optimizer, batch)
+        device = images[0].device
+        index = torch.arange(len(images[0]), device=device)
+        batch: dict[str, Any] = {"plain_views": images[:1], "index": index}
+        for masker in self.masks:  # drawn by the data loader's collate in training, then moved
+            batch.update({k: v.to(device, non_blocking=True) for k, v in masker(len(images[0])).items()})
+        self.run(batch)
 
 
 def timed(side: Any, images: list[torch.Tensor], steps: int) -> list[float]:
+    """Seconds per step, the device drained before and after each."""
+    device = images[0].device
     times = []
     for _ in range(steps):
+        synchronize(device)
         start = time.perf_counter()
         side.step(images)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -184,18 +243,26 @@ def main() -> None:
     parser.add_argument("--out-dim", type=int, default=65536)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", choices=sorted(AMP), default=None,
+                        help="autocast for both sides (default: fp16 on CUDA, as both official "
+                             "trainings; none on CPU)")
     args = parser.parse_args()
+    args.device = torch.device(args.device)
+    args.amp = args.amp or ("fp16" if args.device.type == "cuda" else "none")
     warnings.simplefilter("ignore")
     # The official DINOLoss all-reduces its centre unconditionally: a one-process group for both.
     with tempfile.TemporaryDirectory() as tmp:
-        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
+        backend = "nccl" if args.device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, init_method=f"file://{tmp}/pg", rank=0, world_size=1)
     torch.manual_seed(0)
     if args.method == "dino":
         sides = {"official": OfficialDINO(args), "ours": OursDINO(args)}
-        images = crops(args, 0)
+        images = [c.to(args.device) for c in crops(args, 0)]
     else:
         sides = {"official": OfficialMAE(args), "ours": OursMAE(args)}
-        images = [torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))]
+        generator = torch.Generator().manual_seed(0)
+        images = [torch.randn(args.batch, 3, 224, 224, generator=generator).to(args.device)]
     for side in sides.values():
         timed(side, images, 2)  # warm-up: allocator, lazy optimizer state
     times: dict[str, list[float]] = {name: [] for name in sides}
@@ -205,7 +272,9 @@ def main() -> None:
     images_per_step = args.batch
     setting = (f"DINO {args.arch}/16, 2x224 + {args.local_crops}x96, out_dim {args.out_dim}"
                if args.method == "dino" else "MAE ViT-B/16, 224 px, mask 0.75, decoder 512x8")
-    print(f"{setting}, batch {args.batch}, fp32, {torch.get_num_threads()} threads, "
+    where = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
+             else f"{torch.get_num_threads()} CPU threads")
+    print(f"{setting}, batch {args.batch}, amp {args.amp}, {where}, "
           f"{args.rounds} rounds x {args.steps} steps")
     print("| implementation | median s / step | images / s |")
     print("|---|---|---|")
