@@ -6,7 +6,9 @@
 Measures, in this one process (= one data-loader worker):
 - images/s of decode + the full CPU recipe (crop, flip, jitter, grayscale, blur, solarize, normalise);
 - images/s of decode + what a worker still does with augment_on=device (crop, flip, uint8, draws);
-- images/s of the batched photometric half on the training device (CUDA when present, else CPU);
+- images/s of decode + what a worker does with crop_on=device too (boxes and draws only);
+- images/s of the batched photometric half on the training device (CUDA when present, else CPU),
+  and of the crops (roi_align) + photometric half;
 - bytes per image a worker hands to the loader in each mode.
 The source images are JPEG bytes decoded per sample, as an ImageFolder dataset would be.
 """
@@ -24,12 +26,15 @@ import io  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ssl.data.device_augment import DeviceAugment  # noqa: E402
-from ssl.data.views import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform  # noqa: E402
+from ssl.benchmark.timing import synchronize  # noqa: E402
+from ssl.data.device_augment import VIEW_DRAWS, DeviceAugment  # noqa: E402
+from ssl.data.device_crops import SOURCE, VIEW_BOXES  # noqa: E402
+from ssl.data.views import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, to_uint8_tensor  # noqa: E402
 
 
 def source_images(kind: str, count: int, width: int, height: int) -> list[bytes]:
@@ -95,26 +100,35 @@ def main() -> None:
     float_bytes = sum(c.numel() * 4 for c in crops)
     uint8_bytes = sum(c.numel() for c in crops) + sum(d.numel() * 4 for d in draws)
 
+    boxes_rate = rate(lambda d: transform.boxes_and_draws(decode(d)), jpegs)
+    image_bytes = args.width * args.height * 3 if args.source == "synthetic" else 28 * 28 * 3
+    box_bytes = image_bytes + sum(5 * 4 + d.numel() * 4 for d in draws)  # a box is 5 floats
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    augment = DeviceAugment(transform.view_photometrics(), None, IMAGENET_MEAN, IMAGENET_STD)
-    samples = [transform.crops_and_draws(decode(jpegs[i % len(jpegs)])) for i in range(args.batch)]
+    augment = DeviceAugment(transform.view_photometrics(), None, IMAGENET_MEAN, IMAGENET_STD,
+                            transform.view_sizes())
+    images = [decode(jpegs[i % len(jpegs)]) for i in range(args.batch)]
+    samples = [transform.crops_and_draws(image) for image in images]
     views = [torch.stack([s[0][v] for s in samples]).to(device) for v in range(len(crops))]
     rows = [torch.stack([s[1][v] for s in samples]).to(device) for v in range(len(crops))]
+    boxed = [transform.boxes_and_draws(image) for image in images]
+    sources = torch.stack([to_uint8_tensor(image) for image in images]).to(device)
+    boxes = [torch.stack([b[0][v] for b in boxed]).to(device) for v in range(len(crops))]
 
-    def device_step() -> None:
-        augment({"views": list(views), "view_draws": list(rows)})
+    def device_rate(step: Callable[[], None], steps: int = 5) -> float:
+        for _ in range(2):
+            step()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        return args.batch * steps / (time.perf_counter() - start)
 
-    for _ in range(2):
-        device_step()
-    steps = 5
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        device_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    device_rate = args.batch * steps / (time.perf_counter() - start)
+    photometric_rate = device_rate(lambda: augment({"views": list(views), VIEW_DRAWS: list(rows)}))
+    crops_rate = device_rate(
+        lambda: augment({SOURCE: sources, VIEW_BOXES: list(boxes), VIEW_DRAWS: list(rows)})
+    )
 
     result = {
         "source": f"{args.source} {args.width}x{args.height}" if args.source == "synthetic" else args.source,
@@ -126,16 +140,21 @@ def main() -> None:
         "worker_full_recipe_images_per_s": cpu_rate,
         "worker_crop_only_images_per_s": worker_rate,
         "worker_speedup": worker_rate / cpu_rate,
-        "device_photometric_images_per_s": device_rate,
+        "worker_boxes_only_images_per_s": boxes_rate,
+        "device_photometric_images_per_s": photometric_rate,
+        "device_crops_and_photometric_images_per_s": crops_rate,
         "bytes_per_image_float32": float_bytes,
-        "bytes_per_image_uint8": uint8_bytes,
+        "bytes_per_image_uint8_crops": uint8_bytes,
+        "bytes_per_image_uint8_image_and_boxes": box_bytes,
     }
     print(json.dumps(result, indent=2))
-    print("| crops | worker, full recipe (img/s) | worker, augment_on=device (img/s) | speed-up "
-          "| device photometric (img/s) | bytes/image float32 → uint8 |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {result['crops']} | {cpu_rate:.1f} | {worker_rate:.1f} | {worker_rate / cpu_rate:.2f}× "
-          f"| {device_rate:.0f} ({result['device']}) | {float_bytes} → {uint8_bytes} |")
+    print("| crops | worker img/s: full recipe / augment_on=device / + crop_on=device "
+          "| device img/s: photometric / crops + photometric "
+          "| bytes/image: float32 / uint8 crops / image + boxes |")
+    print("|---|---|---|---|")
+    print(f"| {result['crops']} | {cpu_rate:.1f} / {worker_rate:.1f} / {boxes_rate:.1f} "
+          f"| {photometric_rate:.0f} / {crops_rate:.0f} ({result['device']}) "
+          f"| {float_bytes} / {uint8_bytes} / {box_bytes} |")
 
 
 if __name__ == "__main__":

@@ -299,7 +299,7 @@ def build_datamodule(
     return PretrainDataModule(
         cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset, maskers=maskers,
         seed=cfg.seed, augment_on=cfg.data.get("augment_on", "cpu"),
-        prefetch_factor=cfg.data.get("prefetch_factor", 2),
+        prefetch_factor=cfg.data.get("prefetch_factor", 2), crop_on=cfg.data.get("crop_on", "worker"),
     )
 
 

@@ -180,13 +180,16 @@ def test_an_unknown_augment_on_lists_the_valid_values() -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist")
-@pytest.mark.parametrize("objective", ["dino", "data2vec"])
-def test_pretrain_runs_with_device_augmentation(tmp_path, objective: str) -> None:
-    """Lightning calls the data module's hook: a uint8 view would fail in the first conv."""
+@pytest.mark.parametrize(
+    ("objective", "crop_on"), [("dino", "worker"), ("data2vec", "worker"), ("dino", "device")]
+)
+def test_pretrain_runs_with_device_augmentation(tmp_path, objective: str, crop_on: str) -> None:
+    """Lightning calls the data module's hook: a uint8 view, or no views at all, would fail."""
     run_dir = tmp_path / objective
     args = [
         sys.executable, "-m", "ssl.pretrain", f"objective={objective}", "backbone=vit_t",
-        "+backbone.kwargs.depth=2", "data.augment_on=device", "data.batch_size=8", "data.num_workers=1",
+        "+backbone.kwargs.depth=2", "data.augment_on=device", f"data.crop_on={crop_on}",
+        "data.batch_size=8", "data.num_workers=1",
         "trainer.limit_train_batches=2", "trainer.max_epochs=1", "knn.enabled=false",
         "export.enabled=false", "reconstructions.enabled=false", "attention_maps.enabled=false",
         f"hydra.run.dir={run_dir}",

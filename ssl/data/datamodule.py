@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ssl.data.datasets import UnreadableImageError, build_dataset, next_readable
+from ssl.data.device_crops import CROP_ON, SOURCE, check_one_size
 from ssl.data.resumable_sampler import ResumableSampler
 from ssl.data.views import (
     AUGMENT_ON,
@@ -194,6 +195,8 @@ class MaskingCollate:
         if seeds and len(seeds) == len(samples):
             mixed = np.random.SeedSequence([s & 0xFFFFFFFF for s in seeds]).generate_state(2, np.uint32)
             generator = torch.Generator().manual_seed((int(mixed[0]) << 32) | int(mixed[1]))
+        if samples and SOURCE in samples[0]:  # data.crop_on=device: one tensor of whole images
+            check_one_size([s[SOURCE] for s in samples if SOURCE in s])
         batch = collate_readable(samples)  # batch["unreadable"]: the files skipped in this batch
         size = len(batch["index"])
         for masker in self.maskers:
@@ -215,6 +218,7 @@ class PretrainDataModule(pl.LightningDataModule):
         seed: int = 0,
         augment_on: str = "cpu",
         prefetch_factor: int = 2,
+        crop_on: str = "worker",
     ) -> None:
         """`dataset`: the already built "pretrain" split, so a folder is not scanned twice.
 
@@ -241,6 +245,13 @@ class PretrainDataModule(pl.LightningDataModule):
                 "photometric augmentations run batched on the GPU, for when the data workers cannot keep up)."
             )
         self.augment_on = augment_on
+        if crop_on not in CROP_ON or (crop_on == "device" and augment_on != "device"):
+            raise IncompatibleConfigError(
+                f"data.crop_on={crop_on!r} with data.augment_on={augment_on!r}; valid: data.crop_on="
+                f"{' or '.join(CROP_ON)}, and crop_on=device needs augment_on=device (the colour "
+                "augmentations follow the crops onto the device)."
+            )
+        self.crop_on = crop_on
         self.prefetch_factor = int(prefetch_factor)
         self.device_augment = self.transform().device_augment(tuple(dataset_cfg.mean), tuple(dataset_cfg.std))
         self.train_set: Dataset | None = None
@@ -261,7 +272,7 @@ class PretrainDataModule(pl.LightningDataModule):
                 cfg.image_size, views.plain_crop_scale, tuple(cfg.mean), tuple(cfg.std),
                 color_jitter=views.plain_color_jitter,
             )
-        return PretrainViews(multicrop, plain, views.plain_crops, self.augment_on)
+        return PretrainViews(multicrop, plain, views.plain_crops, self.augment_on, self.crop_on)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ssl.data.device_crops import PLAIN_BOXES, SOURCE, VIEW_BOXES, resized_crops
+
 # Columns of one crop's row of draws.
 JITTER_ON, BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3, 4
 ORDER = slice(5, 9)  # the permutation of the four jitter ops (0 brightness ... 3 hue)
@@ -215,7 +217,8 @@ def apply_photometric(
     crops: torch.Tensor, draws: torch.Tensor, spec: Photometric,
     mean: torch.Tensor, std: torch.Tensor,
 ) -> torch.Tensor:
-    """uint8 (N, 3, H, W) crops + their (N, NUM_DRAWS) draws -> normalised float32 crops.
+    """uint8 (N, 3, H, W) crops (or float ones in [0, 1]) + their (N, NUM_DRAWS) draws ->
+    normalised float32 crops.
 
     `mean` / `std`: (1, 3, 1, 1) tensors on the crops' device (made once: a fresh host tensor
     copied to a GPU every step would be a synchronising copy).
@@ -223,7 +226,7 @@ def apply_photometric(
     Order as in the CPU recipe: jitter (each crop's own op order) -> grayscale -> blur ->
     solarize -> normalise. Every branch is a `torch.where` on per-crop flags: no host sync.
     """
-    x = crops.float().div_(255.0)
+    x = crops.float().div_(255.0) if crops.dtype == torch.uint8 else crops.float()
     draws = draws.to(device=x.device, dtype=torch.float32)
 
     def where(flag: torch.Tensor, changed: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -243,22 +246,27 @@ def apply_photometric(
 
 
 class DeviceAugment:
-    """Applies the deferred photometric half to a batch already on the device.
+    """Finishes the deferred augmentations of a batch already on the device.
 
     `view_specs[i]` is the Photometric of batch["views"][i]; `plain_spec` that of every plain
-    view. Crops of one kind and size (the local crops, the later global crops) go through
-    `apply_photometric` as one batch. The uint8 crops and their draws are replaced in place by
-    normalised float crops, so objectives see the batch the CPU pipeline would have produced.
+    view. With `data.crop_on=device` the batch holds the decoded images (SOURCE) and one box per
+    crop instead of crops: `view_sizes` / `plain_size` are then the crops' sizes, cut first
+    (ssl/data/device_crops.py). Crops of one kind and size (the local crops, the later global
+    crops) go through `apply_photometric` as one batch. The result replaces the uint8 data, so
+    objectives see the batch the CPU pipeline would have produced.
     """
 
     def __init__(
         self, view_specs: Sequence[Photometric], plain_spec: Photometric | None,
         mean: Sequence[float], std: Sequence[float],
+        view_sizes: Sequence[int] = (), plain_size: int | None = None,
     ) -> None:
         self.view_specs = list(view_specs)
         self.plain_spec = plain_spec
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.view_sizes = list(view_sizes)
+        self.plain_size = plain_size
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,7 +291,18 @@ class DeviceAugment:
                 out[i] = part
         return out
 
+    def cut_crops(self, batch: dict) -> None:
+        """crop_on=device: the views from the decoded images and their boxes, as [0, 1] floats."""
+        images = batch.pop(SOURCE).float().div_(255.0)
+        if VIEW_BOXES in batch:
+            boxes = batch.pop(VIEW_BOXES)
+            batch["views"] = [resized_crops(images, b, size) for b, size in zip(boxes, self.view_sizes)]
+        if PLAIN_BOXES in batch:
+            batch["plain_views"] = [resized_crops(images, b, self.plain_size) for b in batch.pop(PLAIN_BOXES)]
+
     def __call__(self, batch: dict) -> dict:
+        if SOURCE in batch:
+            self.cut_crops(batch)
         if VIEW_DRAWS in batch:
             batch["views"] = self.apply(batch["views"], batch.pop(VIEW_DRAWS), self.view_specs)
         if PLAIN_DRAWS in batch and self.plain_spec is not None:

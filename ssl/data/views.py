@@ -17,6 +17,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from ssl.data.device_augment import PLAIN_DRAWS, VIEW_DRAWS, DeviceAugment, Photometric
+from ssl.data.device_crops import CROP_ON, PLAIN_BOXES, SOURCE, VIEW_BOXES, draw_box
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -237,6 +238,19 @@ class MultiCropTransform:
         """The crop kind of every output position, globals first."""
         return ["global_first"] + ["global_other"] * (self.num_global - 1) + ["local"] * self.num_local
 
+    def boxes_and_draws(self, image: Image.Image) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """data.crop_on=device: every crop's box (x1, y1, x2, y2, flip) and photometric draws."""
+        boxes, draws = [], []
+        for name in self.kind_names():
+            scale = self.global_scale if name.startswith("global") else self.local_scale
+            boxes.append(draw_box(image, scale))
+            draws.append(self.photometric[name].draw())
+        return boxes, draws
+
+    def view_sizes(self) -> list[int]:
+        """The side of every output position's crop."""
+        return [self.global_size if n.startswith("global") else self.local_size for n in self.kind_names()]
+
     def view_photometrics(self) -> list[Photometric]:
         """The photometric half of every output position (what the device applies when deferred)."""
         return [self.photometric[name] for name in self.kind_names()]
@@ -325,6 +339,10 @@ class PlainCropTransform:
         """data.augment_on=device: the uint8 crop and its photometric draws."""
         return to_uint8_tensor(self.geometric(image)), self.photometric.draw()
 
+    def box_and_draws(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """data.crop_on=device: the crop's box (x1, y1, x2, y2, flip) and its photometric draws."""
+        return draw_box(image, self.scale), self.photometric.draw()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, jitter={self.color_jitter})"
 
@@ -336,19 +354,29 @@ class PretrainViews:
     """Every view a set of objectives asks for, as a dict: "views" (multi-crop), "plain_views".
 
     augment_on="device": the crops are uint8 with their photometric draws beside them
-    (VIEW_DRAWS, PLAIN_DRAWS); `device_augment()` finishes them on the training device.
+    (VIEW_DRAWS, PLAIN_DRAWS). crop_on="device" as well: the decoded image (SOURCE) with one box
+    per crop instead of the crops (VIEW_BOXES, PLAIN_BOXES). `device_augment()` finishes either on
+    the training device.
     """
 
     def __init__(self, multicrop: MultiCropTransform | None, plain: PlainCropTransform | None,
-                 plain_crops: int = 0, augment_on: str = "cpu") -> None:
+                 plain_crops: int = 0, augment_on: str = "cpu", crop_on: str = "worker") -> None:
         if augment_on not in AUGMENT_ON:
             raise ValueError(f"data.augment_on={augment_on!r}; valid values: {', '.join(AUGMENT_ON)}")
+        if crop_on not in CROP_ON:
+            raise ValueError(f"data.crop_on={crop_on!r}; valid values: {', '.join(CROP_ON)}")
+        if crop_on == "device" and augment_on != "device":
+            raise ValueError("data.crop_on=device needs data.augment_on=device (the colour "
+                             "augmentations follow the crops onto the device)")
         self.multicrop = multicrop
         self.plain = plain
         self.plain_crops = plain_crops if plain is not None else 0
         self.augment_on = augment_on
+        self.crop_on = crop_on
 
-    def __call__(self, image: Image.Image) -> dict[str, list[torch.Tensor]]:
+    def __call__(self, image: Image.Image) -> dict[str, Any]:
+        if self.crop_on == "device":
+            return self.boxes(image)
         out: dict[str, list[torch.Tensor]] = {}
         deferred = self.augment_on == "device"
         if self.multicrop is not None:
@@ -364,17 +392,29 @@ class PretrainViews:
                 out["plain_views"] = [self.plain(image) for _ in range(self.plain_crops)]
         return out
 
+    def boxes(self, image: Image.Image) -> dict[str, Any]:
+        """crop_on=device: the image decoded once (uint8) and every crop's box and draws."""
+        out: dict[str, Any] = {SOURCE: to_uint8_tensor(image)}
+        if self.multicrop is not None:
+            out[VIEW_BOXES], out[VIEW_DRAWS] = self.multicrop.boxes_and_draws(image)
+        if self.plain_crops:
+            pairs = [self.plain.box_and_draws(image) for _ in range(self.plain_crops)]
+            out[PLAIN_BOXES], out[PLAIN_DRAWS] = [b for b, _ in pairs], [d for _, d in pairs]
+        return out
+
     def device_augment(self, mean: Sequence[float], std: Sequence[float]) -> DeviceAugment | None:
         """What finishes these views on the device (None when the workers finish them)."""
         if self.augment_on != "device":
             return None
         views = self.multicrop.view_photometrics() if self.multicrop is not None else []
+        sizes = self.multicrop.view_sizes() if self.multicrop is not None else []
         plain = self.plain.photometric if self.plain_crops else None
-        return DeviceAugment(views, plain, mean, std)
+        plain_size = self.plain.size if self.plain_crops else None
+        return DeviceAugment(views, plain, mean, std, sizes, plain_size)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(multicrop={self.multicrop}, plain={self.plain} x{self.plain_crops}, "
-                f"augment_on={self.augment_on!r})")
+                f"augment_on={self.augment_on!r}, crop_on={self.crop_on!r})")
 
 
 class ResizeIfNeeded:
