@@ -31,7 +31,7 @@ from collections.abc import Callable  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ssl.benchmark.timing import synchronize  # noqa: E402
+from ssl.benchmark.timing import total_time  # noqa: E402
 from ssl.data.device_augment import VIEW_DRAWS, DeviceAugment  # noqa: E402
 from ssl.data.device_crops import SOURCE, VIEW_BOXES  # noqa: E402
 from ssl.data.views import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, to_uint8_tensor  # noqa: E402
@@ -116,14 +116,7 @@ def main() -> None:
     boxes = [torch.stack([b[0][v] for b in boxed]).to(device) for v in range(len(crops))]
 
     def device_rate(step: Callable[[], None], steps: int = 5) -> float:
-        for _ in range(2):
-            step()
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        return args.batch * steps / (time.perf_counter() - start)
+        return args.batch * steps / total_time(step, steps, 2, device)
 
     photometric_rate = device_rate(lambda: augment({"views": list(views), VIEW_DRAWS: list(rows)}))
     crops_rate = device_rate(
