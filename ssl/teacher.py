@@ -62,8 +62,9 @@ class EMATeacher(nn.Module):
 
         `skip`: a 0-dim bool tensor on the device, True when the optimizer step was skipped; the
         teacher then stays put, decided on the device (weight (1 - m)(1 - skip)) without a host sync.
-        `_foreach_lerp_` takes its weight as a host scalar only (a tensor is read with a sync), so
-        the gated form is t += w (s - t) with a tensor w: one temporary copy of the parameters.
+        A single 0-dim tensor weight would be read on the host, so each parameter gets the weight
+        as a broadcast view of its shape: still one pass, no temporary copy of the parameters
+        (a `t += w (s - t)` form needs one: about 4x slower and 350 MB more for a ViT-B).
         """
         teacher_params = [local(p) for p in self.module.parameters()]
         student_params = [local(p.detach()) for p in student.parameters()]
@@ -72,10 +73,10 @@ class EMATeacher(nn.Module):
         if skip is None:
             torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
         elif teacher_params:
-            weight = (1.0 - momentum) * (~skip).to(teacher_params[0].dtype)
-            deltas = torch._foreach_sub(student_params, teacher_params)
-            torch._foreach_mul_(deltas, weight)
-            torch._foreach_add_(teacher_params, deltas)
+            weight = (1.0 - momentum) * (~skip).float()
+            by_dtype = {t.dtype: weight.to(t.dtype) for t in teacher_params}
+            weights = [by_dtype[t.dtype].expand_as(t) for t in teacher_params]
+            torch._foreach_lerp_(teacher_params, student_params, weights)
         if self.spec.buffers == "copy":
             for t, s in zip(self.module.buffers(), student.buffers()):
                 t.copy_(s if skip is None else torch.where(skip, t, s))
