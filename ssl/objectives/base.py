@@ -125,6 +125,12 @@ class Objective(nn.Module):
         """The head(s) the EMA teacher mirrors besides the backbone (None: backbone only)."""
         return None
 
+    def pooled_feature_heads(self) -> nn.Module | None:
+        """The trainable head on the backbone's pooled features (CoKe's projector and predictor),
+        when there is one. Part of the student's least work in `ssl.benchmark`: DINO's head comes
+        in as a teacher head; heads on token grids (MAE, MFM) are not included there."""
+        return self.teacher_heads()
+
     @classmethod
     def check_backbone(cls, backbone: Backbone) -> None:
         """Raise `IncompatibleConfigError` with advice when the backbone cannot serve.

@@ -167,6 +167,9 @@ class CoKe(Objective):
         return metrics
 
     # ------------------------------------------------------------------------------- loss
+    def pooled_feature_heads(self) -> nn.Module:
+        return self.head
+
     def logits(self, features: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(predictor logits, projection logits) per head against the fixed previous-epoch centres."""
         pred = [cluster_logits(features[1], c.pre_centers, self.temperature) for c in self.clusterings]
