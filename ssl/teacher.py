@@ -74,7 +74,7 @@ class EMATeacher(nn.Module):
             torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
         elif teacher_params:
             weight = (1.0 - momentum) * (~skip).float()
-            by_dtype = {t.dtype: weight.to(t.dtype) for t in teacher_params}
+            by_dtype = {dtype: weight.to(dtype) for dtype in {t.dtype for t in teacher_params}}
             weights = [by_dtype[t.dtype].expand_as(t) for t in teacher_params]
             torch._foreach_lerp_(teacher_params, student_params, weights)
         if self.spec.buffers == "copy":

@@ -198,7 +198,7 @@ def data_pipeline_rate(cfg: DictConfig, module: SSLModule, n: int = 300) -> floa
     """Images per second through the views transform in one process (one data-loader worker).
 
     With data.augment_on=device that is the worker's share only (crop, flip, uint8, draws)."""
-    transform = build_datamodule(cfg, module).transform()
+    transform = build_datamodule(cfg, module).views_transform
     try:
         dataset = build_dataset(cfg.dataset, "pretrain")
     except (FileNotFoundError, ValueError):

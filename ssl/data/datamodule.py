@@ -253,7 +253,9 @@ class PretrainDataModule(pl.LightningDataModule):
             )
         self.crop_on = crop_on
         self.prefetch_factor = int(prefetch_factor)
-        self.device_augment = self.transform().device_augment(tuple(dataset_cfg.mean), tuple(dataset_cfg.std))
+        self.views_transform = self.transform()  # built once: the workers' half and the device's
+        mean, std = tuple(dataset_cfg.mean), tuple(dataset_cfg.std)
+        self.device_augment = self.views_transform.device_augment(mean, std)
         self.train_set: Dataset | None = None
         self.sampler: ResumableSampler | None = None
         self.resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
@@ -278,7 +280,7 @@ class PretrainDataModule(pl.LightningDataModule):
         if self.train_set is None:
             if self.dataset is None:
                 self.dataset = build_dataset(self.dataset_cfg, "pretrain")
-            self.train_set = TransformedDataset(self.dataset, self.transform(), None)
+            self.train_set = TransformedDataset(self.dataset, self.views_transform, None)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

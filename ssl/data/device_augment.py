@@ -43,13 +43,10 @@ def _uniform(low: float, high: float) -> float:
     return float(torch.empty(1).uniform_(low, high))
 
 
-def _coin(p: float) -> float:
-    """1.0 with probability p, drawing from torch's generator only when 0 < p < 1."""
-    if p <= 0.0:
-        return 0.0
-    if p >= 1.0:
-        return 1.0
-    return float(torch.rand(()) < p)
+def coin(p: float) -> bool:
+    """True with probability p (p=1 always, p=0 never), drawing from torch's generator only when
+    0 < p < 1; the CPU recipe's transforms flip the same coin."""
+    return p >= 1.0 or (p > 0.0 and bool(torch.rand(()) < p))
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ class Photometric:
         row[BRIGHTNESS:HUE] = 1.0  # identity factors
         row[ORDER] = torch.arange(4, dtype=torch.float32)
         if self.jitter_p > 0.0 and any(self.jitter):
-            row[JITTER_ON] = _coin(self.jitter_p)
+            row[JITTER_ON] = coin(self.jitter_p)
             b, c, s, h = self.jitter
             row[ORDER] = torch.randperm(4).float()
             for column, strength in ((BRIGHTNESS, b), (CONTRAST, c), (SATURATION, s)):
@@ -81,11 +78,11 @@ class Photometric:
                     row[column] = _uniform(max(0.0, 1.0 - strength), 1.0 + strength)
             if h:
                 row[HUE] = _uniform(-h, h)
-        row[GRAYSCALE] = _coin(self.grayscale_p)
-        row[BLUR] = _coin(self.blur_p)
+        row[GRAYSCALE] = coin(self.grayscale_p)
+        row[BLUR] = coin(self.blur_p)
         if self.blur_p > 0.0:
             row[SIGMA] = _uniform(*self.blur_sigma)
-        row[SOLARIZE] = _coin(self.solarize_p)
+        row[SOLARIZE] = coin(self.solarize_p)
         return row
 
     def kernel_size(self) -> int:
@@ -103,21 +100,25 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)
 
 
+def blend(x: torch.Tensor, factor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """f x + (1 - f) r, clamped to [0, 1], one factor per image (torchvision's `_blend`)."""
+    f = _per_sample(factor)
+    return (f * x + (1.0 - f) * reference).clamp(0.0, 1.0)
+
+
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * _per_sample(factor)).clamp(0.0, 1.0)
+    """Blend with black."""
+    return blend(x, factor, torch.zeros_like(x[:, :1]))
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend with the image's mean luma (one scalar per image)."""
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    f = _per_sample(factor)
-    return (f * x + (1.0 - f) * mean).clamp(0.0, 1.0)
+    return blend(x, factor, grayscale(x).mean(dim=(1, 2, 3), keepdim=True))
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend with the pixel's own luma."""
-    f = _per_sample(factor)
-    return (f * x + (1.0 - f) * grayscale(x)).clamp(0.0, 1.0)
+    return blend(x, factor, grayscale(x))
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -172,16 +173,15 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
 
 
 def _blend(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """Brightness (op 0), contrast (1) or saturation (2) per crop, as one blend f x + (1 - f) r
-    with r = 0, the image's mean luma or the pixel's luma; f = 1 (an exact no-op) where not `chosen`."""
+    """Brightness (op 0), contrast (1) or saturation (2) per crop, as one `blend` whose reference is
+    black, the image's mean luma or the pixel's luma; f = 1 (an exact no-op) where not `chosen`."""
     f = torch.where(chosen, factors.gather(1, op.clamp(max=2).unsqueeze(1)).squeeze(1), 1.0)
     luma = grayscale(x)
     op = _per_sample(op)
     reference = torch.where(
         op == 1, luma.mean(dim=(1, 2, 3), keepdim=True), torch.where(op == 2, luma, torch.zeros_like(luma))
     )
-    f = _per_sample(f)
-    return (f * x + (1.0 - f) * reference).clamp(0.0, 1.0)
+    return blend(x, f, reference)
 
 
 def _jitter(x: torch.Tensor, draws: torch.Tensor, spec: Photometric) -> torch.Tensor:

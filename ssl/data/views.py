@@ -16,18 +16,13 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ssl.data.device_augment import PLAIN_DRAWS, VIEW_DRAWS, DeviceAugment, Photometric
+from ssl.data.device_augment import PLAIN_DRAWS, VIEW_DRAWS, DeviceAugment, Photometric, coin
 from ssl.data.device_crops import CROP_ON, PLAIN_BOXES, SOURCE, VIEW_BOXES, draw_box
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # DINO's blur radius range, defined for 224 px crops.
 BLUR_RADIUS_224 = (0.1, 2.0)
-
-
-def _coin(p: float) -> bool:
-    """True with probability p (p=1 always, p=0 never), drawn from torch's generator."""
-    return p >= 1.0 or (p > 0.0 and torch.rand(()).item() < p)
 
 
 class RandomGaussianBlur:
@@ -39,7 +34,7 @@ class RandomGaussianBlur:
         self.radius_max = radius_max
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        if not _coin(self.p):
+        if not coin(self.p):
             return image
         u = torch.rand(()).item()
         radius = self.radius_min + (self.radius_max - self.radius_min) * u
@@ -57,7 +52,7 @@ class RandomSolarize:
         self.threshold = threshold
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return ImageOps.solarize(image, threshold=self.threshold) if _coin(self.p) else image
+        return ImageOps.solarize(image, threshold=self.threshold) if coin(self.p) else image
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(p={self.p}, threshold={self.threshold})"
@@ -217,6 +212,7 @@ class MultiCropTransform:
                 r.global_jitter, r.other_global_blur, r.other_global_solarize, g)),
             "local": (loc, self.local_scale, photometric(r.local_jitter, r.local_blur, 0.0, loc)),
         }
+        self.kinds = kinds  # name -> (crop size, crop scale, photometric half)
         self.photometric = {name: spec for name, (_, _, spec) in kinds.items()}
         self.geometric = {
             name: T.Compose([
@@ -242,14 +238,13 @@ class MultiCropTransform:
         """data.crop_on=device: every crop's box (x1, y1, x2, y2, flip) and photometric draws."""
         boxes, draws = [], []
         for name in self.kind_names():
-            scale = self.global_scale if name.startswith("global") else self.local_scale
-            boxes.append(draw_box(image, scale))
+            boxes.append(draw_box(image, self.kinds[name][1]))
             draws.append(self.photometric[name].draw())
         return boxes, draws
 
     def view_sizes(self) -> list[int]:
         """The side of every output position's crop."""
-        return [self.global_size if n.startswith("global") else self.local_size for n in self.kind_names()]
+        return [self.kinds[name][0] for name in self.kind_names()]
 
     def view_photometrics(self) -> list[Photometric]:
         """The photometric half of every output position (what the device applies when deferred)."""
