@@ -26,13 +26,14 @@ from torch import nn
 from ssl.backbones.base import Backbone
 from ssl.composite import HeadOptim
 from ssl.distributed import all_reduce_sum
-from ssl.objectives.base import IncompatibleConfigError, Objective, StepContext, TeacherSpec
+from ssl.errors import IncompatibleConfigError
+from ssl.objectives.base import Objective, StepContext
 from ssl.optim.clipping import clip_gradients
 from ssl.optim.factory import build_optimizer, default_no_weight_decay, skips_on_device, split_weight_decay
 from ssl.optim.nonfinite import DeviceCounters, NonFiniteGuard, all_finite
 from ssl.optim.schedules import LR_SCHEDULES, cosine_schedule, frozen_then, momentum_schedule
 from ssl.sharding import average_replicated_gradients, is_sharded, shard_modules, transformer_blocks
-from ssl.teacher import EMATeacher
+from ssl.teacher import EMATeacher, TeacherSpec
 
 
 def lr_schedule(cfg: Any) -> Any:

@@ -11,12 +11,31 @@ Under FSDP its blocks are sharded like the student's, and the EMA runs on the lo
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ssl.objectives.base import TeacherSpec
 from ssl.sharding import local
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """How the shared EMA teacher behaves for an objective.
+
+    momentum -> momentum_end per optimizer step, following `schedule`: "cosine" over the run
+    (DINO), "constant" (data2vec 1.0: momentum only) or "linear" over `ramp_steps` updates then
+    constant (data2vec 2.0). `train_mode` says whether the teacher follows the student's
+    train/eval mode (DINO) or always stays in eval mode (data2vec). `buffers`: "keep" (EMA over
+    parameters only, as DINO) or "copy" (buffers copied each step).
+    """
+
+    momentum: float = 0.996
+    momentum_end: float = 1.0
+    train_mode: bool = True
+    buffers: str = "keep"
+    schedule: str = "cosine"
+    ramp_steps: int = 0
 
 
 def disable_stochastic_layers(module: nn.Module) -> None:

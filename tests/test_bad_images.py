@@ -19,7 +19,7 @@ from ssl.callbacks.skipped_images import SkippedImages
 from ssl.data.datamodule import PretrainDataModule, clean_loader, evenly_spaced_images
 from ssl.data.datasets import DatasetNotFoundError, ImageFolderDataset, UnreadableImageError, load_image
 from ssl.data.masking import RandomTokenMasker
-from ssl.objectives.base import ViewSpec
+from ssl.data.spec import ViewSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATASET = OmegaConf.create({

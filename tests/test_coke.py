@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ssl.backbones.factory import build_backbone
+from ssl.errors import IncompatibleConfigError
 from ssl.losses.coke import cluster_logits, multi_crop_loss, single_view_loss
-from ssl.objectives.base import IncompatibleConfigError, StepContext
+from ssl.objectives.base import StepContext
 from ssl.objectives.coke import CoKe, default_cluster_counts
 from ssl.objectives.coke_clustering import UNASSIGNED, ConstrainedKMeans
 

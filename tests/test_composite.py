@@ -24,12 +24,14 @@ from ssl.composite import (
     resolve_optimizer_recipe,
 )
 from ssl.data.frequency import FrequencyMasker
+from ssl.errors import IncompatibleConfigError
 from ssl.module import SSLModule, teacher_mismatch_message
-from ssl.objectives.base import IncompatibleConfigError, StepContext, TeacherSpec
+from ssl.objectives.base import StepContext
 from ssl.objectives.dino import DINO
 from ssl.objectives.forward_cache import ForwardCache
 from ssl.objectives.mfm import MFM
 from ssl.pretrain import CONFIG_DIR
+from ssl.teacher import TeacherSpec
 
 MEAN, STD = [0.286] * 3, [0.353] * 3
 OPTIM = OmegaConf.load(Path(CONFIG_DIR) / "optimizer" / "dino.yaml")

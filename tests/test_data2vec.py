@@ -13,12 +13,14 @@ from PIL import Image
 from ssl.backbones.factory import build_backbone
 from ssl.data.datamodule import PretrainDataModule
 from ssl.data.masking import BlockMasker, BlockMaskGenerator
+from ssl.errors import IncompatibleConfigError
 from ssl.losses.data2vec import data2vec_targets, regression_loss
 from ssl.module import SSLModule
 from ssl.objectives import build_objective
-from ssl.objectives.base import IncompatibleConfigError, StepContext, TeacherSpec
+from ssl.objectives.base import StepContext
 from ssl.objectives.data2vec import Data2Vec
 from ssl.optim.schedules import linear_ramp_schedule, momentum_schedule
+from ssl.teacher import TeacherSpec
 
 Y1 = torch.tensor([[1.0, 2, 3, 4], [2, 0, 0, 2]])[None]
 Y2 = torch.tensor([[0.0, 1, 0, 1], [4, 3, 2, 1]])[None]

@@ -8,8 +8,9 @@ from torch.utils.data import Dataset
 
 from ssl.data.datamodule import MaskingCollate, PretrainDataModule, merge_view_specs
 from ssl.data.masking import RandomTokenMasker
+from ssl.data.spec import ViewSpec
 from ssl.data.views import PlainCropTransform
-from ssl.objectives.base import IncompatibleConfigError, ViewSpec
+from ssl.errors import IncompatibleConfigError
 
 DATASET = OmegaConf.create({
     "name": "synthetic", "image_size": 16, "local_crop_size": 8, "global_crop_scale": [0.4, 1.0],

@@ -22,8 +22,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from ssl.data import device_augment as D
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
+from ssl.data.spec import ViewSpec
 from ssl.data.views import MultiCropTransform, PlainCropTransform, PretrainViews, photometric
-from ssl.objectives.base import IncompatibleConfigError, ViewSpec
+from ssl.errors import IncompatibleConfigError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASET = OmegaConf.create({

@@ -13,7 +13,8 @@ from torchvision.transforms.v2 import functional as TF
 from ssl.data import device_augment as D
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.device_crops import FLIP, SOURCE, VIEW_BOXES, draw_box, resized_crops
-from ssl.objectives.base import IncompatibleConfigError, ViewSpec
+from ssl.data.spec import ViewSpec
+from ssl.errors import IncompatibleConfigError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASET = OmegaConf.create({

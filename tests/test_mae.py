@@ -7,10 +7,11 @@ from omegaconf import OmegaConf
 from ssl.backbones.factory import build_backbone
 from ssl.backbones.sincos import sincos_2d
 from ssl.data.masking import RandomTokenMasker, gather_tokens, random_token_mask, visible_token_count
+from ssl.errors import IncompatibleConfigError
 from ssl.losses.mae import mae_loss, normalize_patches, patchify, unpatchify
 from ssl.module import SSLModule
 from ssl.objectives import build_objective
-from ssl.objectives.base import IncompatibleConfigError, StepContext
+from ssl.objectives.base import StepContext
 from ssl.objectives.mae import MAE
 
 OPTIM = OmegaConf.create({

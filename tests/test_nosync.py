@@ -26,12 +26,11 @@ import ssl.module
 from ssl.benchmark import training_step
 from ssl.callbacks.progress import LazyProgressBar
 from ssl.module import SSLModule
-from ssl.objectives.base import TeacherSpec
 from ssl.optim.factory import FusedSGD, skips_on_device
 from ssl.optim.lars import LARS
 from ssl.optim.nonfinite import NonFiniteLossError
 from ssl.sync_detector import SyncDetector
-from ssl.teacher import EMATeacher
+from ssl.teacher import EMATeacher, TeacherSpec
 
 OPTIMIZER_DIR = REPO_ROOT / "conf" / "optimizer"
 

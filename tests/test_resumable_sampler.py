@@ -14,7 +14,7 @@ from ssl.callbacks.rng_state import capture_rng_state, restore_rng_state
 from ssl.data.datamodule import PretrainDataModule
 from ssl.data.masking import RandomTokenMasker
 from ssl.data.resumable_sampler import ResumableSampler, sample_seed
-from ssl.objectives.base import ViewSpec
+from ssl.data.spec import ViewSpec
 
 DATASET = OmegaConf.create({
     "name": "synthetic", "image_size": 16, "local_crop_size": 8, "global_crop_scale": [0.4, 1.0],

@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl.objectives.base import TeacherSpec
-from ssl.teacher import EMATeacher
+from ssl.teacher import EMATeacher, TeacherSpec
 
 
 def make_student() -> nn.ModuleDict:

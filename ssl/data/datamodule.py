@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from ssl.data.datasets import UnreadableImageError, build_dataset, next_readable
 from ssl.data.device_crops import CROP_ON, SOURCE, check_one_size
 from ssl.data.resumable_sampler import ResumableSampler
+from ssl.data.spec import BatchMasker, ViewSpec
 from ssl.data.views import (
     AUGMENT_ON,
     CROP_RECIPES,
@@ -21,7 +22,7 @@ from ssl.data.views import (
     PretrainViews,
     eval_transform,
 )
-from ssl.objectives.base import BatchMasker, IncompatibleConfigError, ViewSpec
+from ssl.errors import IncompatibleConfigError
 
 SEED_KEY = "_sample_seed"  # travels from a seeded sample to the collate step, never into the batch
 

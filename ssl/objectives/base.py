@@ -10,61 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from ssl.backbones.base import Backbone
+from ssl.data.spec import BatchMasker, ViewSpec
 from ssl.objectives.forward_cache import ForwardCache
 from ssl.optim.factory import default_no_weight_decay
-
-
-class IncompatibleConfigError(ValueError):
-    """An objective cannot run with the chosen backbone or settings (raised before training)."""
-
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """Crops the data module must produce for an objective (sizes come from the dataset).
-
-    global_crops / local_crops: multi-crop views, in `batch["views"]` (globals first), augmented
-    per `crop_recipe` (a name in ssl.data.views.CROP_RECIPES: "dino", "coke", "coke_single_view").
-    global_crop_scale / local_crop_scale: their RandomResizedCrop scales, for methods whose recipe
-    fixes them (CoKe: 0.08-1); None takes the dataset's. All objectives that ask for global crops
-    share one multi-crop pipeline, so they must agree on these three fields.
-    plain_crops: RandomResizedCrop(scale=plain_crop_scale) + flip, the masked-image-modeling
-    recipe (MAE, MFM), at the dataset's image size, in `batch["plain_views"]`; data2vec 1.0 adds
-    ColorJitter(j, j, j) first (`plain_color_jitter`, 0 = none).
-    """
-
-    global_crops: int = 0
-    local_crops: int = 0
-    plain_crops: int = 0
-    plain_crop_scale: tuple[float, float] = (0.2, 1.0)
-    plain_color_jitter: float = 0.0
-    crop_recipe: str = "dino"
-    global_crop_scale: tuple[float, float] | None = None
-    local_crop_scale: tuple[float, float] | None = None
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """How the shared EMA teacher behaves for an objective.
-
-    momentum -> momentum_end per optimizer step, following `schedule`: "cosine" over the run
-    (DINO), "constant" (data2vec 1.0: momentum only) or "linear" over `ramp_steps` updates then
-    constant (data2vec 2.0). `train_mode` says whether the teacher follows the student's
-    train/eval mode (DINO) or always stays in eval mode (data2vec). `buffers`: "keep" (EMA over
-    parameters only, as DINO) or "copy" (buffers copied each step).
-    """
-
-    momentum: float = 0.996
-    momentum_end: float = 1.0
-    train_mode: bool = True
-    buffers: str = "keep"
-    schedule: str = "cosine"
-    ramp_steps: int = 0
+from ssl.teacher import TeacherSpec
 
 
 @dataclass
@@ -85,13 +40,6 @@ class StepContext:
 class ObjectiveOutput:
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class BatchMasker(Protocol):
-    """Draws per-sample masks for a batch in the data-loading collate step (see ssl/data)."""
-
-    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        ...
 
 
 @dataclass

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from ssl.backbones.base import Backbone
+from ssl.data.spec import ViewSpec
 from ssl.distributed import all_gather_cat, all_gather_with_offset
+from ssl.errors import IncompatibleConfigError
 from ssl.heads.coke import CoKeHead
 from ssl.losses.coke import cluster_logits, multi_crop_loss, single_view_loss, two_view_loss
-from ssl.objectives.base import IncompatibleConfigError, Objective, ObjectiveOutput, StepContext, ViewSpec
+from ssl.objectives.base import Objective, ObjectiveOutput, StepContext
 from ssl.objectives.coke_clustering import ConstrainedKMeans
 
 VARIANTS = ("single", "two", "multi")

@@ -24,16 +24,11 @@ from torch import nn
 from ssl.backbones.base import Backbone
 from ssl.backbones.vit import ViTBackbone
 from ssl.data.masking import BlockMasker, BlockMaskGenerator
+from ssl.data.spec import BatchMasker, ViewSpec
+from ssl.errors import IncompatibleConfigError
 from ssl.losses.data2vec import data2vec_targets, masked_feature_std, masked_regression_loss
-from ssl.objectives.base import (
-    BatchMasker,
-    IncompatibleConfigError,
-    Objective,
-    ObjectiveOutput,
-    StepContext,
-    TeacherSpec,
-    ViewSpec,
-)
+from ssl.objectives.base import Objective, ObjectiveOutput, StepContext
+from ssl.teacher import TeacherSpec
 
 # The official target layers: the last 6 blocks (6-11 of ViT-B, 18-23 of ViT-L).
 DEFAULT_TOP_K = 6

@@ -17,17 +17,13 @@ from torch import nn
 
 from ssl.backbones.base import Backbone
 from ssl.backbones.multicrop import encode_crops
+from ssl.data.spec import ViewSpec
+from ssl.errors import IncompatibleConfigError
 from ssl.heads.dino import DINOHead
 from ssl.losses.dino import dino_loss_from_probs, teacher_probabilities, updated_center
-from ssl.objectives.base import (
-    IncompatibleConfigError,
-    Objective,
-    ObjectiveOutput,
-    StepContext,
-    TeacherSpec,
-    ViewSpec,
-)
+from ssl.objectives.base import Objective, ObjectiveOutput, StepContext
 from ssl.optim.schedules import warmup_constant_schedule
+from ssl.teacher import TeacherSpec
 
 
 class DINO(Objective):

@@ -20,17 +20,11 @@ from ssl.backbones.base import Backbone
 from ssl.backbones.sincos import sincos_2d
 from ssl.backbones.vit import ViTBackbone
 from ssl.data.masking import RandomTokenMasker, gather_tokens, random_token_mask, visible_token_count
+from ssl.data.spec import BatchMasker, ViewSpec
+from ssl.errors import IncompatibleConfigError
 from ssl.heads.mae_decoder import MAEDecoder, xavier_init
 from ssl.losses.mae import mae_loss, patchify, unpatchify
-from ssl.objectives.base import (
-    BatchMasker,
-    IncompatibleConfigError,
-    Objective,
-    ObjectiveOutput,
-    Reconstruction,
-    StepContext,
-    ViewSpec,
-)
+from ssl.objectives.base import Objective, ObjectiveOutput, Reconstruction, StepContext
 
 # Official decoder (ViT-B/L/H): 512 wide, 8 blocks, 16 heads. Below SMALL_IMAGE px (CIFAR,
 # Fashion-MNIST) a decoder that size would cost several times the encoder; ours is smaller.

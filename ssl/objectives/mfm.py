@@ -19,17 +19,11 @@ from torch import nn
 
 from ssl.backbones.base import Backbone
 from ssl.data.frequency import FrequencyMasker, frequency_corrupt, scaled_radius
+from ssl.data.spec import BatchMasker, ViewSpec
+from ssl.errors import IncompatibleConfigError
 from ssl.heads.pixel_shuffle import PixelShuffleHead
 from ssl.losses.mfm import FocalWeighting, mfm_loss
-from ssl.objectives.base import (
-    BatchMasker,
-    IncompatibleConfigError,
-    Objective,
-    ObjectiveOutput,
-    Reconstruction,
-    StepContext,
-    ViewSpec,
-)
+from ssl.objectives.base import Objective, ObjectiveOutput, Reconstruction, StepContext
 
 # Probability of a low-pass (rather than high-pass) mask in the released configs.
 LOWPASS_PROB_VIT = 0.5
