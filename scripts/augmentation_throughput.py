@@ -32,9 +32,15 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ssl.benchmark.timing import total_time  # noqa: E402
-from ssl.data.device_augment import VIEW_DRAWS, DeviceAugment  # noqa: E402
+from ssl.data.device_augment import DeviceAugment  # noqa: E402
 from ssl.data.device_crops import SOURCE, VIEW_BOXES  # noqa: E402
-from ssl.data.views import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, to_uint8_tensor  # noqa: E402
+from ssl.data.multicrop import MultiCropTransform  # noqa: E402
+from ssl.data.photometric import VIEW_DRAWS  # noqa: E402
+from ssl.data.pil_ops import IMAGENET_MEAN, IMAGENET_STD, to_uint8_tensor  # noqa: E402
+from ssl.objectives.coke import MULTI_VIEW_CROPS, SINGLE_VIEW_CROPS  # noqa: E402
+from ssl.objectives.dino import DINO_CROPS  # noqa: E402
+
+RECIPES = {"dino": DINO_CROPS, "coke": MULTI_VIEW_CROPS, "coke_single_view": SINGLE_VIEW_CROPS}
 
 
 def source_images(kind: str, count: int, width: int, height: int) -> list[bytes]:
@@ -43,10 +49,10 @@ def source_images(kind: str, count: int, width: int, height: int) -> list[bytes]
     if kind == "fashion_mnist":
         from omegaconf import OmegaConf
 
+        from ssl.config import CONFIG_DIR
         from ssl.data.datasets import build_dataset
 
-        conf = Path(__file__).resolve().parent.parent / "conf"
-        cfg = OmegaConf.load(conf / "dataset" / "fashion_mnist.yaml")
+        cfg = OmegaConf.load(Path(CONFIG_DIR) / "dataset" / "fashion_mnist.yaml")
         data = build_dataset(cfg, "pretrain")
         pil = [data[i][0].convert("RGB") for i in range(count)]
     else:
@@ -82,13 +88,13 @@ def main() -> None:
     parser.add_argument("--locals", type=int, default=8)
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--recipe", default="dino")
+    parser.add_argument("--recipe", default="dino", choices=sorted(RECIPES))
     args = parser.parse_args()
 
     torch.manual_seed(0)
     jpegs = source_images(args.source, args.images, args.width, args.height)
     transform = MultiCropTransform(args.globals, args.locals, args.global_size, args.local_size,
-                                   recipe=args.recipe)
+                                   recipe=RECIPES[args.recipe])
 
     def decode(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data)).convert("RGB")

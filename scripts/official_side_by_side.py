@@ -119,7 +119,8 @@ class OfficialDINO:
 
 def our_module(overrides: list[str], args: argparse.Namespace) -> Any:
     """The SSLModule `python -m ssl.pretrain <overrides>` trains, with its optimizer, on the device."""
-    from ssl.pretrain import CONFIG_DIR, build_module
+    from ssl.config import CONFIG_DIR
+    from ssl.pretrain import build_module
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "run_dir=unused"])

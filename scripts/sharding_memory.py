@@ -72,9 +72,10 @@ def worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.device_mesh import init_device_mesh
 
+    from ssl.config import CONFIG_DIR
     from ssl.pretrain import build_module
 
-    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "trainer.strategy=fsdp", "run_dir=unused"])
     torch.manual_seed(0)
     module = build_module(cfg, num_samples=1000)
@@ -89,7 +90,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
     args, overrides = parser.parse_known_args()
-    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+    from ssl.config import CONFIG_DIR
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "run_dir=unused"])
     from ssl.pretrain import build_module
 

@@ -18,15 +18,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 
-def objective_names(objectives: Any) -> str:
-    """`dino+mfm` for a combination, `dino` alone: the run directory's objective part."""
-    return "+".join(str(name) for name in objectives) if objectives else "none"
-
-
-# `${ssl_objectives:${objective}}` in conf/config.yaml's hydra.run.dir; registered on import.
-OmegaConf.register_new_resolver("ssl_objectives", objective_names, replace=True)
-
-
 @dataclass(frozen=True)
 class HeadOptim:
     """Optimiser settings of one objective's own parameters (heads, decoders, prototypes).

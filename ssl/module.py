@@ -1,15 +1,18 @@
 """SSLModule: one backbone, a weighted set of objectives, an optional shared EMA teacher.
 
-Generic on purpose: it knows nothing method-specific. It sums the objectives' weighted losses,
-owns the optimizer and the per-step lr / weight-decay / EMA-momentum schedules, clips gradients,
-updates the teacher once per optimizer step (so gradient accumulation is handled), and logs the
-objectives' metrics under their own names. A step whose loss or gradients are not finite is skipped
-(weights, optimizer moments and teacher untouched) and counted; too many in a row stop the run
-(ssl/optim/nonfinite.py).
+Generic on purpose: it knows nothing method-specific. Per optimizer step it sums the objectives'
+weighted losses, steps the optimizer (with this step's lr / weight decay, after clipping and the
+objectives' pre-step hooks) and updates the teacher once (so gradient accumulation is handled), and
+logs the objectives' metrics under their own names.
 
-The step has no host-device sync: the skip is decided on the device (the optimizer's `found_inf`,
-a gated EMA), metrics are logged as device tensors, and the host reads the guard's counters and the
-progress bar's loss once every `trainer.log_every_n_steps` steps (`read_guard`).
+The rest lives beside it: whether a step is applied (non-finite losses or gradients, fp16
+overflows; counted, and too many in a row stop the run) is `StepGate` (ssl/optim/step_gate.py);
+the per-step schedules are `training_schedules` (ssl/optim/schedules.py); the teacher and the
+reconciliation of the objectives' teacher settings are in ssl/teacher.py.
+
+The step has no host-device sync: the gate decides on the device where it can (the optimizer's
+`found_inf`, a gated EMA), metrics are logged as device tensors, and the host reads the gate's
+counters and the progress bar's loss once every `trainer.log_every_n_steps` steps (`read_guard`).
 """
 
 from __future__ import annotations
@@ -25,67 +28,15 @@ from torch import nn
 
 from ssl.backbones.base import Backbone
 from ssl.composite import HeadOptim
-from ssl.distributed import all_reduce_sum
-from ssl.errors import IncompatibleConfigError
+from ssl.data.spec import INDEX
 from ssl.objectives.base import Objective, StepContext
 from ssl.optim.clipping import clip_gradients
-from ssl.optim.factory import build_optimizer, default_no_weight_decay, skips_on_device, split_weight_decay
-from ssl.optim.nonfinite import DeviceCounters, NonFiniteGuard, all_finite
-from ssl.optim.schedules import LR_SCHEDULES, cosine_schedule, frozen_then, momentum_schedule
+from ssl.optim.factory import build_optimizer, default_no_weight_decay, split_weight_decay
+from ssl.optim.nonfinite import DeviceCounters, NonFiniteGuard
+from ssl.optim.schedules import training_schedules
+from ssl.optim.step_gate import StepGate
 from ssl.sharding import average_replicated_gradients, is_sharded, shard_modules, transformer_blocks
-from ssl.teacher import EMATeacher, TeacherSpec
-
-
-def lr_schedule(cfg: Any) -> Any:
-    """`optimizer.lr_schedule`: cosine (DINO, MAE) or timm_cosine (MFM); unknown names list both."""
-    name = cfg.get("lr_schedule", "cosine")
-    if name not in LR_SCHEDULES:
-        raise ValueError(f"unknown optimizer.lr_schedule '{name}'; valid: {', '.join(LR_SCHEDULES)}")
-    return LR_SCHEDULES[name]
-
-
-# Teacher settings a user can set per objective (objective.<name>.teacher.<field>); train_mode and
-# buffers are fixed by each method.
-ALIGNABLE_TEACHER_FIELDS = ("momentum", "momentum_end", "schedule", "ramp_steps")
-
-
-def shared_teacher_spec(objectives: Mapping[str, Objective]) -> TeacherSpec | None:
-    """The one teacher behaviour all teacher-based objectives agree on (or a clear error).
-
-    There is one EMA teacher, so no rule could pick between two momentum schedules without
-    silently changing one method: differing settings fail before training, naming the overrides.
-    """
-    specs = {name: obj.teacher_spec() for name, obj in objectives.items() if obj.needs_teacher}
-    if not specs:
-        return None
-    if len(set(specs.values())) > 1:
-        raise IncompatibleConfigError(teacher_mismatch_message(specs))
-    return next(iter(specs.values()))
-
-
-def teacher_mismatch_message(specs: Mapping[str, TeacherSpec]) -> str:
-    """Which teacher fields differ, and the overrides that align them with the first objective."""
-    names = list(specs)
-    first = specs[names[0]]
-    fields = [f for f in TeacherSpec.__dataclass_fields__
-              if len({getattr(s, f) for s in specs.values()}) > 1]
-    differ = "; ".join(
-        f"teacher.{f}: " + ", ".join(f"{n}={getattr(s, f)}" for n, s in specs.items()) for f in fields
-    )
-    message = (
-        f"objectives {', '.join(names)} share one EMA teacher but ask for different settings ({differ})."
-    )
-    fixed = [f for f in fields if f not in ALIGNABLE_TEACHER_FIELDS]
-    if fixed:
-        return message + (
-            f" {', '.join(fixed)} are fixed by each method, so these objectives cannot share a "
-            "teacher: train them separately."
-        )
-    overrides = [
-        f"objective.{n}.teacher.{f}={getattr(first, f)}"
-        for n in names[1:] for f in fields if getattr(specs[n], f) != getattr(first, f)
-    ]
-    return message + f" Align them, e.g. (to {names[0]}'s values): {' '.join(overrides)}"
+from ssl.teacher import EMATeacher, shared_teacher_spec
 
 
 def objective_groups(name: str, objective: Objective, settings: HeadOptim) -> list[dict]:
@@ -132,17 +83,20 @@ class SSLModule(pl.LightningModule):
         self.teacher = EMATeacher(self.mirrored_by_teacher(), spec) if spec else None
         self.schedules: dict[str, np.ndarray] = {}
         self.sharded = False
-        self.guard = NonFiniteGuard(max_consecutive_nonfinite)
-        self.device_guard: DeviceCounters | None = None  # when the skip is decided on the device
+        self.gate = StepGate(max_consecutive_nonfinite)
         self.progress_metrics: dict[str, float] = {}  # host values for the progress bar, per read
-        self._loss_finite: torch.Tensor | None = None  # over this optimizer step's micro-batches
-        self._skip_step = False  # decided on the host (fp16, optimizers that cannot skip themselves)
-        self._skip: torch.Tensor | None = None  # decided on the device
-        self._found_inf_on: torch.optim.Optimizer | None = None
-        self._weights_from: str | None = None  # the newest checkpoint when this step started
         self._last_loss: torch.Tensor | None = None
-        self._steps_since_read = 0
         self._schedule_tensors: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
+
+    @property
+    def guard(self) -> NonFiniteGuard:
+        """The host's counters of skipped steps (exact after each `read_guard`)."""
+        return self.gate.guard
+
+    @property
+    def device_guard(self) -> DeviceCounters | None:
+        """The device counters, when the skip is decided on the device (else None)."""
+        return self.gate.counters
 
     def configure_model(self) -> None:
         """`trainer.strategy=fsdp` (a device mesh from Lightning): shard the blocks with FSDP2.
@@ -198,32 +152,10 @@ class SSLModule(pl.LightningModule):
         return self.batch_size * world * accumulate
 
     def build_schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-        """Per-step lr, weight decay and teacher momentum.
-
-        `frozen_epochs` (CoKe) keep lr at 0 first; warm-up and decay follow over the rest.
-
-        lr = base lr x global batch / lr_reference_batch (256 for DINO and MAE, 512 for MFM);
-        MFM's recipe also scales its min and warm-up start lr (`scale_min_lr_with_batch`).
-        """
-        cfg = self.optim_cfg
-        scale = self.global_batch_size() / cfg.get("lr_reference_batch", 256)
-        lr = cfg.lr * (scale if cfg.scale_lr_with_batch else 1.0)
-        low_scale = scale if cfg.get("scale_min_lr_with_batch", False) else 1.0
-        min_lr, warmup_start = cfg.min_lr * low_scale, cfg.get("warmup_start_lr", 0.0) * low_scale
-        warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-        # CoKe's bootstrap epoch(s): lr 0 while labels and centres are initialised.
-        frozen = min(int(round(cfg.get("frozen_epochs", 0) * steps_per_epoch)), total_steps)
-        lrs = lr_schedule(cfg)(lr, min_lr, total_steps - frozen, warmup, warmup_start)
-        schedules = {
-            "lr": frozen_then(frozen, lrs),
-            "weight_decay": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total_steps),
-        }
-        if self.teacher is not None:
-            spec = self.teacher.spec
-            schedules["momentum"] = momentum_schedule(
-                spec.schedule, spec.momentum, spec.momentum_end, total_steps, spec.ramp_steps
-            )
-        return schedules
+        """Per-step lr, weight decay and teacher momentum for this run (`training_schedules`)."""
+        spec = self.teacher.spec if self.teacher is not None else None
+        batch = self.global_batch_size()
+        return training_schedules(self.optim_cfg, batch, total_steps, steps_per_epoch, spec)
 
     def on_train_start(self) -> None:
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -272,10 +204,9 @@ class SSLModule(pl.LightningModule):
             logs[f"{name}/loss"] = out.loss.detach()
             for key, value in out.metrics.items():
                 logs[f"{name}/{key}"] = value
-        finite = torch.isfinite(total.detach()).all()
-        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        self.gate.observe_loss(total)
         self._last_loss = total.detach()
-        batch_size = len(batch["index"])
+        batch_size = len(batch[INDEX])
         # No prog_bar=True: Lightning turns those into Python numbers after every batch (a sync);
         # the progress bar shows `progress_metrics` instead (ssl/callbacks/progress.py).
         self.log("train/loss", total.detach(), batch_size=batch_size)
@@ -294,46 +225,23 @@ class SSLModule(pl.LightningModule):
                 self.log(f"train/{name}/{key}", value, on_epoch=True, on_step=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Decide whether this step is applied, clip (DINO: per parameter, after AMP unscaling) and
-        run the objective hooks (DINO freeze).
+        """Let the gate decide whether this step is applied, then clip (DINO: per parameter, after
+        AMP unscaling) and run the objective hooks (DINO freeze) when it says so.
 
         Lightning calls this after backward (and after the fp16 scaler's unscaling), inside
-        `optimizer.step`. With an optimizer that skips itself on the device (`skips_on_device`:
-        fused AdamW / SGD, LARS) and no fp16 GradScaler, the decision never reaches the host: the
-        optimizer gets it as `found_inf`, the teacher as a gated weight, the guard's counters stay
-        on the device (`read_guard`), and clipping and the hooks run on every step (clipping
-        non-finite gradients is harmless when the update is gated). Otherwise (fp16: the GradScaler
-        sets `found_inf` itself and already syncs; other optimizers) the flags are read here, one
-        sync per step, and a skipped step has its gradients dropped: the optimizers step no
-        parameter without a gradient, so weights, moments and step counts stay as they were.
+        `optimizer.step`. The gate decides on the device for optimizers that skip themselves and
+        no fp16 GradScaler, else on the host with one sync (ssl/optim/step_gate.py).
         """
-        self.unscale_gradients(optimizer)
+        scaler = self.grad_scaler()
+        self.gate.unscale(optimizer, scaler)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.sharded:  # FSDP2 reduced the blocks' gradients; the replicated rest is averaged here
             average_replicated_gradients(params)
-        self._weights_from = self.newest_checkpoint()
-        if self.grad_scaler() is None and skips_on_device(optimizer):
-            bad = self.nonfinite_flags(params).sum() > 0
-            optimizer.found_inf = bad.float()  # what torch's fused optimizers read (0-dim float32)
-            self._found_inf_on, self._skip = optimizer, bad
-            if self.device_guard is None:
-                self.device_guard = DeviceCounters(bad.device)
-            self.device_guard.update(bad, self.global_step, self.guard.max_consecutive)
+        checkpoint = self.newest_checkpoint()
+        if self.gate.decide(optimizer, params, self.global_step, self.device, scaler, checkpoint):
             self.clip_and_run_hooks(params)
-            self.log("train/nonfinite_skipped", self.device_guard.skipped.float())
-            self.log("train/nonfinite_consecutive", self.device_guard.consecutive.float())
-            return
-        if self.step_is_finite(params):
-            self.guard.good(self._weights_from)
-            self.clip_and_run_hooks(params)
-        else:
-            self._skip_step = True
-            for param in params:
-                param.grad = None
-        self.log("train/nonfinite_skipped", float(self.guard.skipped))
-        self.log("train/nonfinite_consecutive", float(self.guard.consecutive))
-        if self.guard.overflows:
-            self.log("train/amp_overflow_skipped", float(self.guard.overflows))
+        for key, value in self.gate.metrics().items():
+            self.log(key, value)
 
     def clip_and_run_hooks(self, params: list[nn.Parameter]) -> None:
         """Gradient clipping, then the objectives' pre-step hooks (DINO's last-layer freeze)."""
@@ -358,45 +266,6 @@ class SSLModule(pl.LightningModule):
         """The fp16 GradScaler of Lightning's precision plugin, or None (32-bit, bf16)."""
         return getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer else None
 
-    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        """fp16: have the GradScaler unscale the gradients before they are checked or clipped.
-
-        Lightning unscales before this hook, except for optimizers that unscale inside their own
-        step (the fused AdamW of ssl.optim.factory): their gradients would be clipped while still
-        multiplied by the loss scale. Unscaling here also records the scaler's inf check, so its
-        `step` skips an overflow and its `update` lowers the scale as usual.
-        """
-        scaler = self.grad_scaler()
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scaler.unscale_(optimizer)
-
-    def nonfinite_flags(self, params: list[nn.Parameter]) -> torch.Tensor:
-        """[loss not finite, gradients not finite] of this optimizer step, summed over ranks so that
-        all of them decide alike; on the device, no host sync."""
-        loss_ok = self._loss_finite
-        if loss_ok is None:
-            loss_ok = torch.ones((), dtype=torch.bool, device=self.device)
-        self._loss_finite = None
-        grads_ok = all_finite((p.grad for p in params), device=self.device)
-        flags = torch.stack([~loss_ok.to(self.device), ~grads_ok.to(self.device)]).float()
-        return all_reduce_sum(flags)
-
-    def step_is_finite(self, params: list[nn.Parameter]) -> bool:
-        """Whether this optimizer step's losses and gradients are finite on every rank (host path).
-
-        One host sync per optimizer step. Under an fp16 GradScaler, inf gradients with a finite
-        loss are the scaler's overflows (it skips them and lowers its scale): counted apart, never
-        a reason to stop. Raises `NonFiniteLossError` after too many consecutive failures.
-        """
-        bad_loss, bad_grads = (bool(v) for v in self.nonfinite_flags(params).tolist())
-        if not (bad_loss or bad_grads):
-            return True
-        if bad_grads and not bad_loss and self.grad_scaler() is not None:
-            self.guard.overflow()
-        else:
-            self.guard.bad(self.global_step)
-        return False
-
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
     ) -> None:
@@ -411,18 +280,11 @@ class SSLModule(pl.LightningModule):
                 group["lr"] = lr * group.get("lr_scale", 1.0)
                 if group.get("apply_weight_decay") and not group.get("fixed_weight_decay"):
                     group["weight_decay"] = wd
-        self._skip_step, self._skip = False, None
-        try:
-            optimizer.step(closure=optimizer_closure)
-        finally:
-            if self._found_inf_on is not None:  # set for this step only
-                del self._found_inf_on.found_inf
-                self._found_inf_on = None
-        if self.teacher is not None and not self._skip_step:
+        self.gate.step(optimizer, optimizer_closure)
+        if self.teacher is not None and not self.gate.host_skipped:
             momentum = self.scheduled("momentum") if self.schedules else self.teacher.spec.momentum
-            self.teacher.update(self.mirrored_by_teacher(), momentum, skip=self._skip)
-        self._steps_since_read += 1
-        if self._steps_since_read >= self.read_interval():
+            self.teacher.update(self.mirrored_by_teacher(), momentum, skip=self.gate.device_skip)
+        if self.gate.count_step(self.read_interval()):
             self.read_guard()
 
     def read_interval(self) -> int:
@@ -437,19 +299,16 @@ class SSLModule(pl.LightningModule):
         checkpoint save (so the last good checkpoint is known before pruning, and a run past its
         limit stops instead of saving) and at the end of training.
         """
-        self._steps_since_read = 0
-        parts = [self.device_guard.values()] if self.device_guard is not None else []
+        counters = self.gate.state()
+        parts = [counters] if counters is not None else []
         if self._last_loss is not None:
             parts.append(self._last_loss.double().reshape(1))
-        if not parts:
-            return
-        values = torch.cat(parts).tolist()
+        values = torch.cat(parts).tolist() if parts else []  # the one copy
         if self._last_loss is not None:
             self.progress_metrics = {"train/loss": values.pop()}
             if self.schedules:
                 self.progress_metrics["train/lr"] = self.scheduled("lr")
-        if self.device_guard is not None:
-            self.device_guard.apply(values, self.guard, self._weights_from)
+        self.gate.read(values)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Read the guard before each save (see `read_guard`)."""

@@ -7,7 +7,6 @@ directory) is checked before the first batch, each failure with one message sayi
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import warnings
 from dataclasses import dataclass
@@ -17,8 +16,6 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
@@ -31,18 +28,26 @@ from ssl.callbacks.progress import LazyProgressBar
 from ssl.callbacks.reconstructions import ReconstructionGrid, can_reconstruct
 from ssl.callbacks.rng_state import RNGStateCheckpoint
 from ssl.callbacks.skipped_images import SkippedImages
-from ssl.checkpointing.atomic_io import AtomicCheckpointIO, remove_partial_saves
+from ssl.checkpointing.atomic_io import AtomicCheckpointIO
 from ssl.checkpointing.metrics_csv import csv_logger
 from ssl.checkpointing.pruning import PrunedCheckpoints
-from ssl.checkpointing.resume import checkpoint_step, config_differences, latest_checkpoint
+from ssl.checkpointing.resume import checkpoint_step
 from ssl.composite import head_optim_settings, objective_weights, resolve_optimizer_recipe
+from ssl.config import CONFIG_DIR
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.datasets import build_dataset
 from ssl.export import export_backbone
 from ssl.module import SSLModule
 from ssl.objectives import OBJECTIVES, build_objective
 from ssl.optim.nonfinite import NonFiniteLossError
-from ssl.redaction import redact, redact_overrides, redact_yaml_file
+from ssl.redaction import redact_overrides
+from ssl.run_dir import (
+    launched_as_worker_rank,
+    prepare_run_dir,
+    recorded_config,
+    redact_sweep_config,
+    wandb_run_id,
+)
 from ssl.sharding import (
     BlockShardedStrategy,
     full_state_dict,
@@ -51,90 +56,9 @@ from ssl.sharding import (
 )
 from ssl.visualize.attention import has_cls_attention
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-WANDB_ID_FILE = "wandb_run_id"
 # PretrainDataModule saves and restores its position inside an epoch itself (ResumableSampler),
 # which Lightning's check for a stateful DataLoader cannot see.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-
-
-class RunDirectoryInUseError(FileExistsError):
-    """The run directory already holds a run; a new run never overwrites it."""
-
-
-def launched_as_worker_rank() -> bool:
-    """True in the processes Lightning's DDP launcher (or torchrun / SLURM) starts for ranks > 0.
-
-    They rerun this entry point with the same run directory, which rank 0 has already prepared.
-    """
-    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if int(os.environ.get(var, "0") or 0) > 0:
-            return True
-    return False
-
-
-def resolved_config(cfg: DictConfig) -> dict:
-    """The config as config.yaml records it (resolved, secrets redacted, through YAML, so both
-    sides compare alike)."""
-    return OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(recorded_config(cfg))))
-
-
-def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> Path | None:
-    """Create the run directory and write the resolved config; returns the checkpoint to resume.
-
-    A directory that already holds a run is reused only by the same config (`resume` aside): the
-    same command restarted after a crash continues from the newest checkpoint there. Any other
-    config is refused with the keys that differ; a new run never overwrites an old one.
-    """
-    checkpoints = run_dir / "checkpoints"
-    if launched_as_worker_rank():  # rank 0 has checked the directory; follow its choice
-        latest = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
-        return latest or (Path(cfg.resume) if cfg.get("resume") else None)
-    if (run_dir / "config.yaml").exists() or checkpoints.exists():
-        if not (run_dir / "config.yaml").exists():
-            raise RunDirectoryInUseError(
-                f"{run_dir} already holds a run (checkpoints without a config.yaml). Choose a new "
-                "directory with hydra.run.dir=<path>, or remove the old one yourself."
-            )
-        old = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-        differences = config_differences(old, resolved_config(cfg))
-        if differences:
-            shown = "; ".join(differences[:12]) + ("; ..." if len(differences) > 12 else "")
-            raise RunDirectoryInUseError(
-                f"{run_dir} already holds a run with a different config ({shown}). Restart it with the "
-                "same command to resume it, choose a new directory with hydra.run.dir=<path> (the "
-                "default is time-stamped; resume=<checkpoint> starts from another run's weights), "
-                "or remove the old one yourself."
-            )
-        removed = remove_partial_saves(checkpoints)
-        if removed:
-            print(f"removed {len(removed)} partial file(s) of an interrupted checkpoint save",
-                  file=sys.stderr)
-        latest = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
-        if latest is not None:
-            print(f"resuming the run in {run_dir} from {latest} (step {checkpoint_step(latest)})",
-                  file=sys.stderr)
-            return latest
-        print(f"restarting the run in {run_dir} from the start: it wrote no checkpoint", file=sys.stderr)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(recorded_config(cfg)))
-    return Path(cfg.resume) if cfg.get("resume") else None
-
-
-def recorded_config(cfg: DictConfig) -> dict:
-    """The resolved config as a run records it (config.yaml, logger, checkpoints): secrets as ***."""
-    return redact(OmegaConf.to_container(cfg, resolve=True))
-
-
-def wandb_run_id(run_dir: Path) -> str:
-    """The run directory's wandb run id (created once): a resumed run logs into the same wandb run."""
-    path = run_dir / WANDB_ID_FILE
-    if path.is_file():
-        return path.read_text().strip()
-    run_id = secrets.token_hex(4)  # wandb ids: letters and digits
-    if not launched_as_worker_rank():
-        path.write_text(run_id + "\n")
-    return run_id
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> Any:
@@ -208,26 +132,26 @@ def build_trainer(
 
 
 def resolve_drop_path_rate(cfg: DictConfig) -> None:
-    """backbone.drop_path_rate=auto: the objectives' recipe (the largest, for a combination).
+    """backbone.drop_path_rate=null: the objectives' recipe (the largest, for a combination).
 
     DINO trains its ViTs with stochastic depth 0.1, MAE and MFM without; CNNs get none. The
     resolved value is written into the config, so the run directory records it.
     """
-    if cfg.backbone.get("drop_path_rate") != "auto":
+    if cfg.backbone.get("drop_path_rate") is not None:
         return
     rates = [OBJECTIVES[name].recipe_drop_path_rate for name in cfg.objective if name in OBJECTIVES]
     cfg.backbone.drop_path_rate = max(rates, default=0.0) if is_vit_name(cfg.backbone.name) else None
 
 
 def resolve_num_samples(cfg: DictConfig, num_samples: int | None) -> None:
-    """objective.<name>.num_samples=auto: the pretraining set's size (CoKe's label memory rows).
+    """objective.<name>.num_samples=null: the pretraining set's size (CoKe's label memory rows).
 
     Written into the config, so the run directory and the checkpoint record it.
     """
     if num_samples is None:
         return
     for obj_cfg in cfg.objective.values():
-        if obj_cfg.get("num_samples") == "auto":
+        if "num_samples" in obj_cfg and obj_cfg.num_samples is None:
             obj_cfg.num_samples = int(num_samples)
 
 
@@ -242,7 +166,7 @@ def resolve_sync_batchnorm(trainer_cfg: DictConfig, objectives: Any) -> bool:
 
 
 def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
-    """The training module; `num_samples` (the dataset size) fills in `num_samples: auto`.
+    """The training module; `num_samples` (the dataset size) fills in `num_samples: null`.
 
     Several objectives (`objective=[dino,mfm]`) share the backbone and one EMA teacher; each
     keeps its weight, heads, state and head optimiser settings (ssl/composite.py).
@@ -251,7 +175,7 @@ def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
     resolve_drop_path_rate(cfg)
     resolve_num_samples(cfg, num_samples)
     backbone = build_backbone(cfg.backbone)
-    if wants_channels_last(cfg.backbone.get("channels_last", "auto"), backbone):
+    if wants_channels_last(cfg.backbone.get("channels_last"), backbone):
         use_channels_last(backbone)  # before the teacher copies it
     objectives = {
         name: build_objective(name, obj_cfg, backbone)
@@ -377,15 +301,6 @@ def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
         print(f"k-NN (k={cfg.knn.k}, T={cfg.knn.temperature}) on {cfg.dataset.name} test: "
               f"top-1 {knn.last['top1']:.2f}%  top-5 {knn.last['top5']:.2f}%")
     return result
-
-
-def redact_sweep_config() -> None:
-    """Hydra's multirun writes the whole config, secrets included, to <sweep dir>/multirun.yaml."""
-    if launched_as_worker_rank() or not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        redact_yaml_file(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -6,16 +6,22 @@ theta_t <- m * theta_t + (1 - m) * theta_s once per optimizer step with one fuse
 It is built in the training module's constructor, so it is part of the LightningModule: DDP
 broadcasts it from rank 0 with the student (all ranks start equal) and checkpoints carry it.
 Under FSDP its blocks are sharded like the student's, and the EMA runs on the local shards.
+
+There is one teacher for all objectives, so their `TeacherSpec`s are reconciled here
+(`shared_teacher_spec`): equal, or a clear error before training.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from ssl.errors import IncompatibleConfigError
 from ssl.sharding import local
 
 
@@ -36,6 +42,59 @@ class TeacherSpec:
     buffers: str = "keep"
     schedule: str = "cosine"
     ramp_steps: int = 0
+
+
+class TeacherUser(Protocol):
+    """What the reconciliation needs of an objective (duck-typed: no import of ssl.objectives)."""
+
+    needs_teacher: bool
+
+    def teacher_spec(self) -> TeacherSpec: ...
+
+
+# Teacher settings a user can set per objective (objective.<name>.teacher.<field>); train_mode and
+# buffers are fixed by each method.
+ALIGNABLE_TEACHER_FIELDS = ("momentum", "momentum_end", "schedule", "ramp_steps")
+
+
+def shared_teacher_spec(objectives: Mapping[str, TeacherUser]) -> TeacherSpec | None:
+    """The one teacher behaviour all teacher-based objectives agree on (or a clear error).
+
+    `objectives`: name -> anything with `needs_teacher` and `teacher_spec()` (the objectives).
+    There is one EMA teacher, so no rule could pick between two momentum schedules without
+    silently changing one method: differing settings fail before training, naming the overrides.
+    """
+    specs = {name: obj.teacher_spec() for name, obj in objectives.items() if obj.needs_teacher}
+    if not specs:
+        return None
+    if len(set(specs.values())) > 1:
+        raise IncompatibleConfigError(teacher_mismatch_message(specs))
+    return next(iter(specs.values()))
+
+
+def teacher_mismatch_message(specs: Mapping[str, TeacherSpec]) -> str:
+    """Which teacher fields differ, and the overrides that align them with the first objective."""
+    names = list(specs)
+    first = specs[names[0]]
+    fields = [f for f in TeacherSpec.__dataclass_fields__
+              if len({getattr(s, f) for s in specs.values()}) > 1]
+    differ = "; ".join(
+        f"teacher.{f}: " + ", ".join(f"{n}={getattr(s, f)}" for n, s in specs.items()) for f in fields
+    )
+    message = (
+        f"objectives {', '.join(names)} share one EMA teacher but ask for different settings ({differ})."
+    )
+    fixed = [f for f in fields if f not in ALIGNABLE_TEACHER_FIELDS]
+    if fixed:
+        return message + (
+            f" {', '.join(fixed)} are fixed by each method, so these objectives cannot share a "
+            "teacher: train them separately."
+        )
+    overrides = [
+        f"objective.{n}.teacher.{f}={getattr(first, f)}"
+        for n in names[1:] for f in fields if getattr(specs[n], f) != getattr(first, f)
+    ]
+    return message + f" Align them, e.g. (to {names[0]}'s values): {' '.join(overrides)}"
 
 
 def disable_stochastic_layers(module: nn.Module) -> None:

@@ -9,7 +9,7 @@ reuses them, so there is no recompilation per step. The module's parameters and 
 do not change, so checkpoints and exports are the same with and without it.
 
 channels_last: NHWC memory format for convolutional backbones, their weights and their inputs
-(faster convolutions on tensor-core GPUs). `auto` turns it on for CNNs when CUDA is available.
+(faster convolutions on tensor-core GPUs). `null` (the default) turns it on for CNNs when CUDA is available.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from ssl.backbones.base import Backbone
 
 
 def wants_channels_last(choice: Any, backbone: Backbone) -> bool:
-    """`backbone.channels_last`: true | false | auto (CNNs on CUDA)."""
+    """`backbone.channels_last`: true | false | null (CNNs on CUDA)."""
+    if choice is not None and not isinstance(choice, bool):
+        raise ValueError(f"backbone.channels_last={choice!r}; valid: true, false, null (on CUDA)")
     if getattr(backbone, "is_vit", False):
         return False
-    if choice in (None, "auto"):
-        return torch.cuda.is_available()
-    return bool(choice)
+    return torch.cuda.is_available() if choice is None else choice
 
 
 def use_channels_last(backbone: Backbone) -> None:

@@ -39,7 +39,7 @@ def check_backbone_name(name: str) -> None:
 def timm_kwargs_for(cfg: Any) -> dict:
     """The keyword arguments given to `timm.create_model` (also written next to exported weights)."""
     kwargs: dict = {"num_classes": 0, **dict(cfg.get("kwargs") or {})}
-    if cfg.get("drop_path_rate") not in (None, "auto"):  # "auto": resolved by ssl.pretrain
+    if cfg.get("drop_path_rate") is not None:  # null: the recipe, resolved by ssl.pretrain
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if is_vit_name(cfg.name):
         kwargs.update(img_size=cfg.img_size, patch_size=cfg.patch_size, dynamic_img_size=True)
@@ -47,10 +47,13 @@ def timm_kwargs_for(cfg: Any) -> dict:
 
 
 def uses_small_image_stem(cfg: Any) -> bool:
-    choice = cfg.get("small_image_stem", "auto")
-    if choice == "auto":
+    """`backbone.small_image_stem`: true | false | null (below SMALL_IMAGE_LIMIT px)."""
+    choice = cfg.get("small_image_stem")
+    if choice is None:
         return cfg.img_size < SMALL_IMAGE_LIMIT
-    return bool(choice)
+    if not isinstance(choice, bool):
+        raise ValueError(f"backbone.small_image_stem={choice!r}; valid: true, false, null (by image size)")
+    return choice
 
 
 def build_backbone(cfg: Any) -> Backbone:

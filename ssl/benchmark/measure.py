@@ -33,6 +33,7 @@ from ssl.benchmark.timing import (
 )
 from ssl.data.datamodule import merge_view_specs
 from ssl.data.datasets import build_dataset
+from ssl.data.spec import PLAIN_VIEWS, VIEWS
 from ssl.module import SSLModule
 from ssl.pretrain import build_datamodule, build_module
 
@@ -118,7 +119,7 @@ def benchmark(cfg: DictConfig, steps: int = 10, warmup: int = 3) -> dict[str, An
     batch = synthetic_batch(cfg, module, device)
     n_global = merge_view_specs([o.view_spec() for o in module.objectives.values()]).global_crops
     # The teacher sees DINO's global crops, or the plain view (data2vec: the unmasked image).
-    teacher_crops = batch["views"][:n_global] if n_global else batch.get("plain_views", [])[:1]
+    teacher_crops = batch[VIEWS][:n_global] if n_global else batch.get(PLAIN_VIEWS, [])[:1]
     student = least_work_student(module)
     teacher = module.teacher.module if module.teacher is not None else None
 
@@ -141,7 +142,9 @@ def benchmark(cfg: DictConfig, steps: int = 10, warmup: int = 3) -> dict[str, An
         """MAE's encoder alone, on the visible tokens (what the full-token reference compares to)."""
         mae = module.objectives["mae"]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            latent, _ = mae.encode_visible(module.backbone, batch["plain_views"][0], batch["mae_ids_shuffle"])
+            latent, _ = mae.encode_visible(
+                module.backbone, batch[PLAIN_VIEWS][0], batch[mae.token_masker().ids_shuffle_key]
+            )
         latent.float().mean().backward()
         module.backbone.zero_grad(set_to_none=True)
 

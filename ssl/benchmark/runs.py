@@ -19,8 +19,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssl.benchmark.measure import benchmark
 from ssl.benchmark.step import default_device, resolve_precision
+from ssl.config import CONFIG_DIR
 from ssl.errors import IncompatibleConfigError
-from ssl.pretrain import CONFIG_DIR
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 

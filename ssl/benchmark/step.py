@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from ssl.data.datamodule import merge_view_specs
 from ssl.data.datasets import build_dataset
+from ssl.data.spec import PLAIN_VIEWS, VIEWS
 from ssl.module import SSLModule
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,10 +52,10 @@ def synthetic_batch(cfg: DictConfig, module: SSLModule, device: torch.device) ->
     crops += [torch.randn(b, 3, d.local_crop_size, d.local_crop_size) for _ in range(views.local_crops)]
     batch: dict[str, Any] = {"label": torch.zeros(b, dtype=torch.long), "index": torch.arange(b)}
     if crops:
-        batch["views"] = crops
+        batch[VIEWS] = crops
     if views.plain_crops:
         size = (b, 3, d.image_size, d.image_size)
-        batch["plain_views"] = [torch.randn(size) for _ in range(views.plain_crops)]
+        batch[PLAIN_VIEWS] = [torch.randn(size) for _ in range(views.plain_crops)]
     for objective in module.objectives.values():
         for masker in objective.batch_maskers():
             batch.update(masker(b))
@@ -62,7 +63,7 @@ def synthetic_batch(cfg: DictConfig, module: SSLModule, device: torch.device) ->
 
 
 def student_crops(batch: dict[str, Any]) -> list[torch.Tensor]:
-    return list(batch.get("views", [])) + list(batch.get("plain_views", []))
+    return list(batch.get(VIEWS, [])) + list(batch.get(PLAIN_VIEWS, []))
 
 
 class ScaledOptimizer:

@@ -23,14 +23,15 @@ from torch.utils.data import Dataset
 
 from ssl.callbacks.periodic import is_due
 from ssl.data.datamodule import clean_loader
+from ssl.data.spec import PLAIN_VIEWS, VIEWS
 from ssl.distributed import all_reduce_sum, world_size
 from ssl.eval.features import extract_features
-from ssl.eval.knn_classifier import topk_accuracy
+from ssl.eval.metrics import topk_accuracy
 
 
 def first_view(batch: Mapping[str, Any]) -> torch.Tensor:
     """The first augmented view of any objective's batch (multi-crop global, or plain crop)."""
-    for key in ("views", "plain_views"):
+    for key in (VIEWS, PLAIN_VIEWS):
         if batch.get(key):
             return batch[key][0]
     raise KeyError("the batch holds no views")

@@ -1,1 +1,13 @@
-"""Datasets (raw PIL image + label) and the augmentation views built on them."""
+"""The data layer: datasets, augmented views and per-batch masks, knowing no method.
+
+spec.py            the contract: ViewSpec, CropRecipe, BatchMasker, the batch keys
+datasets.py        the dataset registry (raw PIL image + label)
+photometric.py     one crop kind's colour augmentation and its random draws
+pil_ops.py         PIL-side ops and tensor conversions the workers run
+multicrop.py       global + local crops;  plain_crop.py: RandomResizedCrop + flip
+pretrain_views.py  every view a set of objectives asks for, from one image
+eval_transform.py  the deterministic evaluation transform
+masking.py         token / block masks;  frequency.py: FFT masks (both BatchMaskers)
+device_augment.py  the photometric half in batch on the device; device_crops.py: crops there
+datamodule.py      the Lightning data module, the collate step, clean evaluation loaders
+"""

@@ -12,16 +12,12 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ssl.data.datasets import UnreadableImageError, build_dataset, next_readable
 from ssl.data.device_crops import CROP_ON, SOURCE, check_one_size
+from ssl.data.eval_transform import eval_transform
+from ssl.data.multicrop import MultiCropTransform
+from ssl.data.plain_crop import PlainCropTransform
+from ssl.data.pretrain_views import AUGMENT_ON, PretrainViews
 from ssl.data.resumable_sampler import ResumableSampler
-from ssl.data.spec import BatchMasker, ViewSpec
-from ssl.data.views import (
-    AUGMENT_ON,
-    CROP_RECIPES,
-    MultiCropTransform,
-    PlainCropTransform,
-    PretrainViews,
-    eval_transform,
-)
+from ssl.data.spec import INDEX, BatchMasker, ViewSpec
 from ssl.errors import IncompatibleConfigError
 
 SEED_KEY = "_sample_seed"  # travels from a seeded sample to the collate step, never into the batch
@@ -31,7 +27,7 @@ class TransformedDataset(Dataset):
     """Applies `transform` to a (PIL image, label) dataset and returns dicts with the index.
 
     key="image" for evaluation; key=None when the transform itself returns a dict of views
-    ("views", "plain_views"). The per-sample index lets objectives keep per-instance state
+    (VIEWS, PLAIN_VIEWS). The per-sample index lets objectives keep per-instance state
     (CoKe's label memory).
 
     An unreadable file (`UnreadableImageError`) never raises here, so never kills a DataLoader
@@ -111,13 +107,8 @@ class CleanLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         for batch in super().__iter__():
-            if len(batch["index"]):
+            if len(batch[INDEX]):
                 yield batch
-
-
-def _scale(scale: Sequence[float] | None) -> tuple[float, float] | None:
-    """A crop scale as a hashable float pair (configs hand over lists), None kept."""
-    return None if scale is None else (float(scale[0]), float(scale[1]))
 
 
 def merge_view_specs(specs: list[ViewSpec]) -> ViewSpec:
@@ -132,15 +123,11 @@ def merge_view_specs(specs: list[ViewSpec]) -> ViewSpec:
             "set the same objective.<name>.crop_scale (and color_jitter) for all of them."
         )
     scale, jitter = recipes.pop() if recipes else (ViewSpec().plain_crop_scale, 0.0)
-    multicrop = {
-        (s.crop_recipe, _scale(s.global_crop_scale), _scale(s.local_crop_scale))
-        for s in specs
-        if s.global_crops
-    }
+    multicrop = {(s.crop_recipe, s.global_crop_scale, s.local_crop_scale) for s in specs if s.global_crops}
     if len(multicrop) > 1:
-        listed = ", ".join(sorted(map(str, multicrop)))
+        listed = ", ".join(sorted(f"({r.name}, {g}, {loc})" for r, g, loc in multicrop))
         raise IncompatibleConfigError(
-            "objectives ask for multi-crop views with different (crop_recipe, global_crop_scale, "
+            "objectives ask for multi-crop views with different (crop recipe, global_crop_scale, "
             f"local_crop_scale) {listed} (None = the dataset's scale): they share one pipeline, so set "
             "the same crop recipe and crop scales for all of them, or train them separately."
         )
@@ -148,10 +135,6 @@ def merge_view_specs(specs: list[ViewSpec]) -> ViewSpec:
     recipe, global_scale, local_scale = (
         multicrop.pop() if multicrop else (d.crop_recipe, d.global_crop_scale, d.local_crop_scale)
     )
-    if recipe not in CROP_RECIPES:
-        raise IncompatibleConfigError(
-            f"unknown crop recipe {recipe!r}; valid recipes: {', '.join(CROP_RECIPES)}."
-        )
     merged = ViewSpec(
         global_crops=max((s.global_crops for s in specs), default=0),
         local_crops=max((s.local_crops for s in specs), default=0),
@@ -175,7 +158,8 @@ def check_crop_sizes(views: ViewSpec, dataset_cfg: Any) -> None:
         raise IncompatibleConfigError(
             f"dataset.local_crop_size={dataset_cfg.local_crop_size} is larger than the global crop size "
             f"dataset.image_size={dataset_cfg.image_size}: local crops must be the smaller views "
-            f"(DINO uses 96 at 224); set dataset.local_crop_size <= {dataset_cfg.image_size}."
+            f"(the standard multi-crop recipe uses 96 at 224); set dataset.local_crop_size <= "
+            f"{dataset_cfg.image_size}."
         )
 
 
@@ -189,6 +173,15 @@ class MaskingCollate:
 
     def __init__(self, maskers: Sequence[BatchMasker]) -> None:
         self.maskers = list(maskers)
+        written: dict[str, BatchMasker] = {}
+        for masker in self.maskers:
+            for key in masker.keys:
+                if key in written:
+                    raise IncompatibleConfigError(
+                        f"two batch maskers write batch key {key!r} ({written[key]!r} and {masker!r}): "
+                        "give each objective's masker its own key prefix."
+                    )
+                written[key] = masker
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         seeds = [s.pop(SEED_KEY) for s in samples if SEED_KEY in s]
@@ -199,7 +192,7 @@ class MaskingCollate:
         if samples and SOURCE in samples[0]:  # data.crop_on=device: one tensor of whole images
             check_one_size([s[SOURCE] for s in samples if SOURCE in s])
         batch = collate_readable(samples)  # batch["unreadable"]: the files skipped in this batch
-        size = len(batch["index"])
+        size = len(batch[INDEX])
         for masker in self.maskers:
             batch.update(masker(size, generator))
         return batch

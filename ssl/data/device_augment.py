@@ -18,76 +18,31 @@ after every op, so the two agree in distribution, not bit for bit.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ssl.data.device_crops import PLAIN_BOXES, SOURCE, VIEW_BOXES, resized_crops
-
-# Columns of one crop's row of draws.
-JITTER_ON, BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3, 4
-ORDER = slice(5, 9)  # the permutation of the four jitter ops (0 brightness ... 3 hue)
-GRAYSCALE, BLUR, SIGMA, SOLARIZE = 9, 10, 11, 12
-NUM_DRAWS = 13
-# Batch keys of the draws that travel with the uint8 crops from the workers.
-VIEW_DRAWS, PLAIN_DRAWS = "view_draws", "plain_view_draws"
+from ssl.data.photometric import (
+    BLUR,
+    BRIGHTNESS,
+    CONTRAST,
+    GRAYSCALE,
+    HUE,
+    JITTER_ON,
+    ORDER,
+    PLAIN_DRAWS,
+    SATURATION,
+    SIGMA,
+    SOLARIZE,
+    VIEW_DRAWS,
+    Photometric,
+)
+from ssl.data.spec import PLAIN_VIEWS, VIEWS
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 SOLARIZE_THRESHOLD = 128 / 255  # PIL's solarize(threshold=128) on [0, 1] pixels
-
-
-def _uniform(low: float, high: float) -> float:
-    return float(torch.empty(1).uniform_(low, high))
-
-
-def coin(p: float) -> bool:
-    """True with probability p (p=1 always, p=0 never), drawing from torch's generator only when
-    0 < p < 1; the CPU recipe's transforms flip the same coin."""
-    return p >= 1.0 or (p > 0.0 and bool(torch.rand(()) < p))
-
-
-@dataclass(frozen=True)
-class Photometric:
-    """The photometric half of one crop kind: what `draw` samples and `apply_photometric` applies.
-
-    `jitter` is ColorJitter(brightness, contrast, saturation, hue), applied with `jitter_p`;
-    `blur_sigma` the Gaussian's standard deviation range (PIL's blur radius).
-    """
-
-    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-    jitter_p: float = 0.0
-    grayscale_p: float = 0.0
-    blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.0
-
-    def draw(self) -> torch.Tensor:
-        """One crop's random draws (NUM_DRAWS floats) from torch's generator."""
-        row = torch.zeros(NUM_DRAWS)
-        row[BRIGHTNESS:HUE] = 1.0  # identity factors
-        row[ORDER] = torch.arange(4, dtype=torch.float32)
-        if self.jitter_p > 0.0 and any(self.jitter):
-            row[JITTER_ON] = coin(self.jitter_p)
-            b, c, s, h = self.jitter
-            row[ORDER] = torch.randperm(4).float()
-            for column, strength in ((BRIGHTNESS, b), (CONTRAST, c), (SATURATION, s)):
-                if strength:
-                    row[column] = _uniform(max(0.0, 1.0 - strength), 1.0 + strength)
-            if h:
-                row[HUE] = _uniform(-h, h)
-        row[GRAYSCALE] = coin(self.grayscale_p)
-        row[BLUR] = coin(self.blur_p)
-        if self.blur_p > 0.0:
-            row[SIGMA] = _uniform(*self.blur_sigma)
-        row[SOLARIZE] = coin(self.solarize_p)
-        return row
-
-    def kernel_size(self) -> int:
-        """The one odd kernel size for the whole batch: 3 sigma either side of the largest sigma."""
-        return 2 * max(1, math.ceil(3.0 * self.blur_sigma[1])) + 1
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -248,7 +203,7 @@ def apply_photometric(
 class DeviceAugment:
     """Finishes the deferred augmentations of a batch already on the device.
 
-    `view_specs[i]` is the Photometric of batch["views"][i]; `plain_spec` that of every plain
+    `view_specs[i]` is the Photometric of batch[VIEWS][i]; `plain_spec` that of every plain
     view. With `data.crop_on=device` the batch holds the decoded images (SOURCE) and one box per
     crop instead of crops: `view_sizes` / `plain_size` are then the crops' sizes, cut first
     (ssl/data/device_crops.py). Crops of one kind and size (the local crops, the later global
@@ -296,18 +251,18 @@ class DeviceAugment:
         images = batch.pop(SOURCE).float().div_(255.0)
         if VIEW_BOXES in batch:
             boxes = batch.pop(VIEW_BOXES)
-            batch["views"] = [resized_crops(images, b, size) for b, size in zip(boxes, self.view_sizes)]
+            batch[VIEWS] = [resized_crops(images, b, size) for b, size in zip(boxes, self.view_sizes)]
         if PLAIN_BOXES in batch:
-            batch["plain_views"] = [resized_crops(images, b, self.plain_size) for b in batch.pop(PLAIN_BOXES)]
+            batch[PLAIN_VIEWS] = [resized_crops(images, b, self.plain_size) for b in batch.pop(PLAIN_BOXES)]
 
     def __call__(self, batch: dict) -> dict:
         if SOURCE in batch:
             self.cut_crops(batch)
         if VIEW_DRAWS in batch:
-            batch["views"] = self.apply(batch["views"], batch.pop(VIEW_DRAWS), self.view_specs)
+            batch[VIEWS] = self.apply(batch[VIEWS], batch.pop(VIEW_DRAWS), self.view_specs)
         if PLAIN_DRAWS in batch and self.plain_spec is not None:
-            plain = batch["plain_views"]
-            batch["plain_views"] = self.apply(plain, batch.pop(PLAIN_DRAWS), [self.plain_spec] * len(plain))
+            plain = batch[PLAIN_VIEWS]
+            batch[PLAIN_VIEWS] = self.apply(plain, batch.pop(PLAIN_DRAWS), [self.plain_spec] * len(plain))
         return batch
 
     def __repr__(self) -> str:

@@ -58,6 +58,7 @@ class FrequencyMasker:
         self.radius = radius
         self.lowpass_prob = lowpass_prob
         self.key = key
+        self.keys = (key,)
         self.lowpass = lowpass_mask(height, width, radius).float()
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 def visible_token_count(num_tokens: int, mask_ratio: float) -> int:
     """round(L * (1 - ratio)) tokens stay visible (49 of 196 at 0.75); at least one of each kind."""
     if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}: set objective.mae.mask_ratio")
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}: choose a ratio in (0, 1)")
     keep = int(round(num_tokens * (1.0 - mask_ratio)))
     if not 0 < keep < num_tokens:
         raise ValueError(
@@ -54,20 +54,28 @@ def random_token_mask(
 
 
 class RandomTokenMasker:
-    """Batch masker: adds `<prefix>_ids_shuffle`, `<prefix>_ids_restore`, `<prefix>_mask` to a batch."""
+    """Batch masker: adds `<prefix>_ids_shuffle`, `<prefix>_ids_restore`, `<prefix>_mask` to a batch.
 
-    def __init__(self, num_tokens: int, mask_ratio: float, prefix: str = "mae") -> None:
+    `prefix` is the caller's (an objective's name), so two maskers in one batch never collide;
+    read the keys back as `ids_shuffle_key`, `ids_restore_key`, `mask_key`.
+    """
+
+    def __init__(self, num_tokens: int, mask_ratio: float, prefix: str) -> None:
         self.num_tokens = int(num_tokens)
         self.mask_ratio = float(mask_ratio)
         self.keep = visible_token_count(self.num_tokens, self.mask_ratio)
         self.prefix = prefix
+        self.ids_shuffle_key = f"{prefix}_ids_shuffle"
+        self.ids_restore_key = f"{prefix}_ids_restore"
+        self.mask_key = f"{prefix}_mask"
+        self.keys = (self.ids_shuffle_key, self.ids_restore_key, self.mask_key)
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         drawn = random_token_mask(batch_size, self.num_tokens, self.mask_ratio, generator)
         return {
-            f"{self.prefix}_ids_shuffle": drawn.ids_shuffle,
-            f"{self.prefix}_ids_restore": drawn.ids_restore,
-            f"{self.prefix}_mask": drawn.mask,
+            self.ids_shuffle_key: drawn.ids_shuffle,
+            self.ids_restore_key: drawn.ids_restore,
+            self.mask_key: drawn.mask,
         }
 
     def __repr__(self) -> str:
@@ -161,10 +169,12 @@ class BlockMasker:
     """Batch masker: `<prefix>_mask` [B * copies, L] bool, `copies` masks per image (data2vec 2.0's
     clone_batch: several masked students share one teacher pass)."""
 
-    def __init__(self, generator: BlockMaskGenerator, copies: int = 1, prefix: str = "data2vec") -> None:
+    def __init__(self, generator: BlockMaskGenerator, prefix: str, copies: int = 1) -> None:
         self.generator = generator
         self.copies = int(copies)
         self.prefix = prefix
+        self.mask_key = f"{prefix}_mask"
+        self.keys = (self.mask_key,)
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        return {f"{self.prefix}_mask": self.generator(batch_size * self.copies, generator)}
+        return {self.mask_key: self.generator(batch_size * self.copies, generator)}

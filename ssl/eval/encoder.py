@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssl.backbones.factory import build_backbone
 from ssl.data.datamodule import clean_loader
 from ssl.data.datasets import build_dataset
-from ssl.data.views import eval_transform
+from ssl.data.eval_transform import eval_transform
 from ssl.eval.cache import FeatureCache, cache_directory, cache_key, dataset_identity, encoder_identity
 from ssl.eval.feature_parts import assemble, part_encoder, primary_part
 from ssl.eval.features import extract_parts

@@ -12,16 +12,13 @@ import sys
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ssl.config import CONFIG_DIR
+from ssl.eval.cli import as_list, feature_stats, features_line, run_command
 from ssl.eval.encoder import labelled_features
-from ssl.eval.knn_classifier import knn_grid_scores, topk_accuracy
-from ssl.eval.report import publish
-from ssl.pretrain import CONFIG_DIR
-
-
-def as_list(value: Any) -> list:
-    return list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [value]
+from ssl.eval.knn_classifier import knn_grid_scores
+from ssl.eval.metrics import topk_accuracy
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -35,9 +32,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "evaluated": feats.evaluated, "dataset": feats.dataset_cfg.name, "feature": feats.primary,
         "feature_dim": train_x.shape[1], "train_size": len(train_y), "test_size": len(test_y),
         "temperature": temperatures[0] if len(temperatures) == 1 else temperatures,
-        "k": {}, "grid": [],
-        "feature_seconds": round(feats.seconds, 2),
-        "extraction_images_per_s": feats.images_per_s, "cache": feats.cached,
+        "k": {}, "grid": [], **feature_stats(feats),
     }
     for (k, t), scores in grid.items():
         accuracy = topk_accuracy(scores, test_y)
@@ -59,27 +54,13 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(
             f"  k={r['k']:<4d} T={r['temperature']:<5g} top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%"
         )
-    speed = results["extraction_images_per_s"]
-    hits = sum(v == "hit" for v in results["cache"].values())
-    lines.append(
-        f"  features: {results['feature_seconds']:.1f} s"
-        + (f", {speed:.0f} images/s extracted" if speed else "")
-        + f", cache {hits}/{len(results['cache'])} hit"
-    )
+    lines.append(features_line(results))
     return "\n".join(lines)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="eval/knn", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        results = evaluate(cfg)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"ssl.eval.knn: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(summary(results))
-    path = publish(cfg, results, "knn")
-    if path is not None:
-        print(f"  result: {path}")
+    run_command("knn", cfg, evaluate, summary)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ssl.eval.metrics import topk_accuracy
+
 
 @torch.no_grad()
 def knn_predict_scores(
@@ -66,16 +68,6 @@ def knn_grid_scores(
                 votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
                 scores[(k, t)].append(votes)
     return {key: torch.cat(chunks) for key, chunks in scores.items()}
-
-
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> dict:
-    """Percent of rows whose label is among the top-k scores, for each k."""
-    ranked = scores.argsort(dim=1, descending=True)
-    out = {}
-    for k in topk:
-        hit = (ranked[:, : min(k, scores.shape[1])] == labels[:, None]).any(dim=1)
-        out[f"top{k}"] = 100.0 * hit.float().mean().item()
-    return out
 
 
 def knn_accuracy(

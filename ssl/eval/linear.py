@@ -6,7 +6,7 @@ feature variants (CLS, CLS + mean-pooled patches, the CLS tokens of the last 4 b
 a grid of learning rates x weight decays are trained on them; the combination with the best
 top-1 on a held-out 10% of the train split is retrained on all of it and scored on the test
 split (ssl/eval/linear_probe.py). `probe.protocol=dino`: DINO's augmented-crop SGD protocol
-(ssl/eval/linear_dino.py).
+(ssl/eval/augmented_linear_probe.py), which any objective's encoder can be probed with.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from ssl.config import CONFIG_DIR
+from ssl.eval.augmented_linear_probe import dino_linear_protocol
+from ssl.eval.cli import feature_stats, features_line, run_command
 from ssl.eval.encoder import eval_device, labelled_features, labelled_splits, resolve_encoder
 from ssl.eval.feature_parts import assemble, part_encoder, parts_of, primary_part, resolve_variants
-from ssl.eval.linear_dino import dino_linear_protocol
 from ssl.eval.linear_probe import linear_probe_variants
-from ssl.eval.report import publish
-from ssl.pretrain import CONFIG_DIR
 
 PROTOCOLS = ("fast", "dino")
 
@@ -60,9 +60,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "feature_dim": feats.variant(result.variant)[0].shape[1],
         "epochs": probe.epochs,
         **result.to_dict(),
-        "feature_seconds": round(feats.seconds, 2),
-        "extraction_images_per_s": feats.images_per_s,
-        "cache": feats.cached,
+        **feature_stats(feats),
         "probe_seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -101,8 +99,6 @@ def summary(r: dict[str, Any]) -> str:
         )
     retrained = ", retrained on all of train" if r["retrained"] else ""
     variants = ", ".join(f"{name} {acc:.2f}%" for name, acc in r["variants"].items())
-    speed = r["extraction_images_per_s"]
-    hits = sum(v == "hit" for v in r["cache"].values())
     return (
         f"linear probe on {r['dataset']} ({r['evaluated']}), {r['train_size']} train "
         f"({r['val_size']} held out) / {r['test_size']} test images\n"
@@ -111,22 +107,13 @@ def summary(r: dict[str, Any]) -> str:
         f"val top-1 {r['val_top1']:.2f}% (best of {len(r['grid'])} configs, "
         f"{r['epochs']} epochs{retrained})\n"
         f"  top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%\n"
-        f"  features: {r['feature_seconds']:.1f} s" + (f", {speed:.0f} images/s extracted" if speed else "")
-        + f", cache {hits}/{len(r['cache'])} hit; probe {r['probe_seconds']:.1f} s"
+        f"{features_line(r)}; probe {r['probe_seconds']:.1f} s"
     )
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="eval/linear", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        results = evaluate(cfg)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"ssl.eval.linear: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(summary(results))
-    path = publish(cfg, results, "linear")
-    if path is not None:
-        print(f"  result: {path}")
+    run_command("linear", cfg, evaluate, summary)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ssl.eval.knn_classifier import topk_accuracy
+from ssl.eval.metrics import topk_accuracy
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4)

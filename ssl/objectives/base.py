@@ -8,18 +8,48 @@ and calls `loss` with the batch, the student backbone and the teacher.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ssl.backbones.base import Backbone
 from ssl.data.spec import BatchMasker, ViewSpec
+from ssl.errors import IncompatibleConfigError
 from ssl.objectives.forward_cache import ForwardCache
 from ssl.optim.factory import default_no_weight_decay
 from ssl.teacher import TeacherSpec
+
+# Keys of an objective's config node that ssl/composite.py reads (loss weight, head optimiser).
+COMPOSITE_KEYS = ("weight", "lr_scale", "weight_decay")
+
+
+def settings_from_config(cls: type[Objective], cfg: Any) -> dict[str, Any]:
+    """An objective's constructor settings from its config node (conf/objective/<name>.yaml).
+
+    The yaml is the one place a setting and its default are written: the constructor takes each
+    as a keyword-only parameter without a default, so a key missing on either side fails here.
+    """
+    values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    values = {k: v for k, v in values.items() if k not in COMPOSITE_KEYS}
+    names = cls.setting_names()
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise IncompatibleConfigError(
+            f"unknown setting(s) objective.{cls.name}.{', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+            f" (and {', '.join(COMPOSITE_KEYS)})"
+        )
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise IncompatibleConfigError(
+            f"objective.{cls.name} is missing {', '.join(missing)}: conf/objective/{cls.name}.yaml declares "
+            "every setting; compose the config from it"
+        )
+    return values
 
 
 @dataclass
@@ -56,7 +86,7 @@ class Objective(nn.Module):
 
     name: str = "objective"
     needs_teacher: bool = False
-    # Stochastic depth of the official recipe, used when backbone.drop_path_rate=auto (ViTs).
+    # Stochastic depth of the official recipe, used when backbone.drop_path_rate is null (ViTs).
     recipe_drop_path_rate: float = 0.0
     # Whether the official recipe converts BatchNorm to SyncBatchNorm across GPUs
     # (used when trainer.sync_batchnorm is null).
@@ -78,6 +108,22 @@ class Objective(nn.Module):
         when there is one. Part of the student's least work in `ssl.benchmark`: DINO's head comes
         in as a teacher head; heads on token grids (MAE, MFM) are not included there."""
         return self.teacher_heads()
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        """The settings: the constructor's keyword-only parameters, one per key of its yaml."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+
+    @classmethod
+    def backbone_inputs(cls, backbone: Backbone) -> tuple[Any, ...]:
+        """The constructor's positional inputs taken from the backbone (the backbone itself here)."""
+        return (backbone,)
+
+    @classmethod
+    def from_config(cls, cfg: Any, backbone: Backbone) -> Objective:
+        """Build from the `objective.<name>` config node for `backbone`."""
+        return cls(*cls.backbone_inputs(backbone), **settings_from_config(cls, cfg))
 
     @classmethod
     def check_backbone(cls, backbone: Backbone) -> None:

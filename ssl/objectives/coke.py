@@ -7,6 +7,23 @@ previous epoch's centres (a fixed classifier without gradient), with both its pr
 predictor. Variants: one view (the released single-view recipe; optional stage-2 soft labels),
 two views (alpha hard + (1 - alpha) cross-view soft targets) and multi-crop (two views + small
 crops). All clustering state is updated from the all-gathered global batch on every rank.
+
+From the command line: `python -m ssl.pretrain experiment=quickstart_coke`. In Python, one step's
+loss on a tiny ViT:
+
+>>> import copy, torch
+>>> from omegaconf import OmegaConf
+>>> from ssl.backbones.factory import build_backbone
+>>> from ssl.objectives import recipe_settings
+>>> vit = build_backbone(OmegaConf.create(
+...     {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "kwargs": {"depth": 2}}))
+>>> coke = CoKe(vit.embed_dim, **recipe_settings(
+...     "coke", variant="single", num_samples=16, num_clusters=[4], out_dim=32, hidden_dim=64))
+>>> batch = {VIEWS: [torch.randn(4, 3, 32, 32)], INDEX: torch.arange(4)}  # INDEX: dataset rows
+>>> out = coke.loss(batch, vit, None, StepContext())
+>>> out.loss.isfinite().item()
+True
+>>> out.loss.backward()
 """
 
 from __future__ import annotations
@@ -18,7 +35,7 @@ import torch
 from torch import nn
 
 from ssl.backbones.base import Backbone
-from ssl.data.spec import ViewSpec
+from ssl.data.spec import INDEX, MULTICROP_JITTER, VIEWS, CropRecipe, ViewSpec
 from ssl.distributed import all_gather_cat, all_gather_with_offset
 from ssl.errors import IncompatibleConfigError
 from ssl.heads.coke import CoKeHead
@@ -33,6 +50,12 @@ IMAGENET_CLUSTERS = (3000, 4000, 5000)
 DEFAULT_TEMPERATURE = {"single": 0.1, "two": 0.05, "multi": 0.05}
 DEFAULT_BETA = {"single": 1.0, "two": 1.0, "multi": 0.5}
 
+STRONG_JITTER = (0.8, 0.8, 0.8, 0.2)
+# main_single_view.py: one crop, strong jitter, blur p=0.5, no solarize (further globals alike).
+SINGLE_VIEW_CROPS = CropRecipe(STRONG_JITTER, 0.5, 0.5, 0.0, STRONG_JITTER, 0.5, name="coke_single_view")
+# main_double_view.py / main_multi_view.py: BYOL's asymmetric pair + strongly jittered small crops.
+MULTI_VIEW_CROPS = CropRecipe(MULTICROP_JITTER, 1.0, 0.1, 0.2, STRONG_JITTER, 0.5, name="coke")
+
 
 def default_cluster_counts(num_samples: int) -> list[int]:
     """3000 / 4000 / 5000 clusters at ImageNet's size, scaled with the dataset (at least 10 each).
@@ -43,8 +66,9 @@ def default_cluster_counts(num_samples: int) -> list[int]:
     return [max(10, round(k * scale)) for k in IMAGENET_CLUSTERS]
 
 
-def _auto(value: Any, default: Any) -> Any:
-    return default if value is None or value == "auto" else value
+def _or_recipe(value: Any, default: Any) -> Any:
+    """null in the config: the recipe's value."""
+    return default if value is None else value
 
 
 class CoKe(Objective):
@@ -55,24 +79,31 @@ class CoKe(Objective):
     def __init__(
         self,
         embed_dim: int,
-        num_samples: int,
-        num_clusters: Sequence[int] | None = None,
-        variant: str = "single",
-        out_dim: int = 128,
-        hidden_dim: int | None = None,
-        temperature: float | None = None,
-        dual_lr: float = 20.0,
-        ratio: float = 0.4,
-        alpha: float = 0.2,
-        beta: float | None = None,
-        stage: int | None = None,
-        label_slots: int = 5,
-        soft_temperature: float = 0.5,
-        small_crops: int = 6,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        small_crop_scale: tuple[float, float] = (0.05, 0.6),
+        *,
+        variant: str,
+        num_samples: int | None,
+        num_clusters: Sequence[int] | None,
+        out_dim: int,
+        hidden_dim: int | None,
+        temperature: float | None,
+        dual_lr: float,
+        ratio: float,
+        alpha: float,
+        beta: float | None,
+        stage: int | None,
+        label_slots: int,
+        soft_temperature: float,
+        small_crops: int,
+        crop_scale: tuple[float, float],
+        small_crop_scale: tuple[float, float],
     ) -> None:
+        """Settings and their defaults: conf/objective/coke.yaml."""
         super().__init__()
+        if num_samples is None:
+            raise IncompatibleConfigError(
+                "objective.coke.num_samples must be the number of pretraining images (its label memory has "
+                "one row per image); `python -m ssl.pretrain` fills it in from the dataset."
+            )
         if variant not in VARIANTS:
             raise IncompatibleConfigError(f"unknown CoKe variant '{variant}'; valid: {', '.join(VARIANTS)}")
         if stage is not None and variant != "single":
@@ -90,9 +121,9 @@ class CoKe(Objective):
             )
         self.variant = variant
         self.num_samples = num_samples
-        self.temperature = float(_auto(temperature, DEFAULT_TEMPERATURE[variant]))
+        self.temperature = float(_or_recipe(temperature, DEFAULT_TEMPERATURE[variant]))
         self.alpha = float(alpha)
-        self.beta = float(_auto(beta, DEFAULT_BETA[variant]))
+        self.beta = float(_or_recipe(beta, DEFAULT_BETA[variant]))
         self.small_crops = int(small_crops) if variant == "multi" else 0
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.small_crop_scale = (float(small_crop_scale[0]), float(small_crop_scale[1]))
@@ -103,37 +134,14 @@ class CoKe(Objective):
         )
 
     @classmethod
-    def from_config(cls, cfg: Any, backbone: Backbone) -> CoKe:
-        if cfg.num_samples in (None, "auto"):
-            raise IncompatibleConfigError(
-                "objective.coke.num_samples must be the number of pretraining images (its label memory has "
-                "one row per image); `python -m ssl.pretrain` fills it in from the dataset."
-            )
-        return cls(
-            backbone.embed_dim,
-            num_samples=int(cfg.num_samples),
-            num_clusters=list(cfg.num_clusters) if cfg.num_clusters else None,
-            variant=cfg.variant,
-            out_dim=cfg.out_dim,
-            hidden_dim=cfg.hidden_dim,
-            temperature=cfg.temperature,
-            dual_lr=cfg.dual_lr,
-            ratio=cfg.ratio,
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-            stage=cfg.stage,
-            label_slots=cfg.label_slots,
-            soft_temperature=cfg.soft_temperature,
-            small_crops=cfg.small_crops,
-            crop_scale=tuple(cfg.crop_scale),
-            small_crop_scale=tuple(cfg.small_crop_scale),
-        )
+    def backbone_inputs(cls, backbone: Backbone) -> tuple[int]:
+        return (backbone.embed_dim,)
 
     def view_spec(self) -> ViewSpec:
         if self.variant == "single":
-            return ViewSpec(global_crops=1, crop_recipe="coke_single_view", global_crop_scale=self.crop_scale)
+            return ViewSpec(global_crops=1, crop_recipe=SINGLE_VIEW_CROPS, global_crop_scale=self.crop_scale)
         return ViewSpec(
-            global_crops=2, local_crops=self.small_crops, crop_recipe="coke",
+            global_crops=2, local_crops=self.small_crops, crop_recipe=MULTI_VIEW_CROPS,
             global_crop_scale=self.crop_scale, local_crop_scale=self.small_crop_scale,
         )
 
@@ -185,7 +193,7 @@ class CoKe(Objective):
         teacher: nn.ModuleDict | None,
         ctx: StepContext,
     ) -> ObjectiveOutput:
-        crops = batch["views"]
+        crops = batch[VIEWS]
         # One backbone pass per crop, as the official code: BatchNorm statistics stay per view.
         heads = [self.head(backbone(crop)) for crop in crops]
         logits = [self.logits(h) for h in heads]
@@ -194,7 +202,7 @@ class CoKe(Objective):
                 clustered = heads[0][0]
             else:  # the mean of the two large views' projections, not re-normalised
                 clustered = (heads[0][0] + heads[1][0]) * 0.5
-            targets = self.cluster(clustered, batch["index"], ctx.epoch)
+            targets = self.cluster(clustered, batch[INDEX], ctx.epoch)
         if self.variant == "single":
             pred, proj = logits[0]
             loss = single_view_loss(pred, proj, targets, self.beta)

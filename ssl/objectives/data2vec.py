@@ -11,6 +11,25 @@ again; Smooth-L1 (beta 2) averaged over all masked elements; constant EMA 0.9998
 
 data2vec 2.0 options on the same machinery: instance-norm targets, a linear EMA ramp, and
 several masks per image sharing one teacher pass (`clone_batch`).
+
+From the command line: `python -m ssl.pretrain experiment=quickstart_data2vec`. In Python, one step's
+loss on a tiny ViT:
+
+>>> import copy, torch
+>>> from omegaconf import OmegaConf
+>>> from ssl.backbones.factory import build_backbone
+>>> from ssl.objectives import recipe_settings
+>>> vit = build_backbone(OmegaConf.create(
+...     {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "kwargs": {"depth": 2}}))
+>>> d2v = Data2Vec(vit, **recipe_settings("data2vec", image_size=32))
+>>> batch = {PLAIN_VIEWS: [torch.rand(4, 3, 32, 32)]}
+>>> for masker in d2v.batch_maskers():  # BEiT block masks, drawn with the batch
+...     batch.update(masker(4, torch.Generator().manual_seed(0)))
+>>> teacher = nn.ModuleDict({"backbone": copy.deepcopy(vit)})
+>>> out = d2v.loss(batch, vit, teacher, StepContext())
+>>> out.loss.isfinite().item()
+True
+>>> out.loss.backward()  # the training module then steps and moves the teacher by EMA
 """
 
 from __future__ import annotations
@@ -24,7 +43,7 @@ from torch import nn
 from ssl.backbones.base import Backbone
 from ssl.backbones.vit import ViTBackbone
 from ssl.data.masking import BlockMasker, BlockMaskGenerator
-from ssl.data.spec import BatchMasker, ViewSpec
+from ssl.data.spec import PLAIN_VIEWS, BatchMasker, ViewSpec
 from ssl.errors import IncompatibleConfigError
 from ssl.losses.data2vec import data2vec_targets, masked_feature_std, masked_regression_loss
 from ssl.objectives.base import Objective, ObjectiveOutput, StepContext
@@ -42,17 +61,20 @@ class Data2Vec(Objective):
     def __init__(
         self,
         backbone: Backbone,
+        *,
         image_size: int,
-        top_k: int | None = None,
-        target_norm: str = "layer",
-        final_layer_norm: bool = True,
-        loss_beta: float = 2.0,
-        mask_fraction: float | None = None,
-        clone_batch: int = 1,
-        teacher: TeacherSpec | None = None,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        color_jitter: float = 0.4,
+        top_k: int | None,
+        target_norm: str,
+        final_layer_norm: bool,
+        loss_beta: float,
+        mask_fraction: float | None,
+        clone_batch: int,
+        teacher: Mapping[str, Any],
+        crop_scale: tuple[float, float],
+        color_jitter: float,
     ) -> None:
+        """Settings and their defaults: conf/objective/data2vec.yaml (`teacher`: momentum,
+        momentum_end, schedule, ramp_steps; always eval mode, buffers copied)."""
         super().__init__()
         self.check_backbone(backbone)
         depth = backbone.depth
@@ -85,28 +107,9 @@ class Data2Vec(Objective):
         self.head = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-        self._teacher = teacher or TeacherSpec(0.9998, 0.9998, train_mode=False, buffers="copy",
-                                               schedule="constant")
-
-    @classmethod
-    def from_config(cls, cfg: Any, backbone: Backbone) -> Data2Vec:
-        t = cfg.teacher
-        teacher = TeacherSpec(
-            t.momentum, t.momentum_end, train_mode=False, buffers="copy", schedule=t.schedule,
-            ramp_steps=int(t.ramp_steps),
-        )
-        return cls(
-            backbone,
-            image_size=cfg.image_size,
-            top_k=cfg.top_k,
-            target_norm=cfg.target_norm,
-            final_layer_norm=cfg.final_layer_norm,
-            loss_beta=cfg.loss_beta,
-            mask_fraction=cfg.mask_fraction,
-            clone_batch=cfg.clone_batch,
-            teacher=teacher,
-            crop_scale=tuple(cfg.crop_scale),
-            color_jitter=cfg.color_jitter,
+        self._teacher = TeacherSpec(
+            float(teacher["momentum"]), float(teacher["momentum_end"]), train_mode=False, buffers="copy",
+            schedule=str(teacher["schedule"]), ramp_steps=int(teacher["ramp_steps"]),
         )
 
     @classmethod
@@ -124,8 +127,12 @@ class Data2Vec(Objective):
     def teacher_spec(self) -> TeacherSpec:
         return self._teacher
 
+    def block_masker(self) -> BlockMasker:
+        """`clone_batch` block masks per image, drawn in the collate step under this objective's key."""
+        return BlockMasker(self.mask_generator, prefix=self.name, copies=self.clone_batch)
+
     def batch_maskers(self) -> list[BatchMasker]:
-        return [BlockMasker(self.mask_generator, self.clone_batch, prefix=self.name)]
+        return [self.block_masker()]
 
     def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
         """As the BEiT code: biases and 1-D tensors exempt; the mask token is decayed."""
@@ -165,8 +172,8 @@ class Data2Vec(Objective):
         teacher: nn.ModuleDict | None,
         ctx: StepContext,
     ) -> ObjectiveOutput:
-        images = batch["plain_views"][0]
-        mask = batch[f"{self.name}_mask"].bool()
+        images = batch[PLAIN_VIEWS][0]
+        mask = batch[self.block_masker().mask_key].bool()
         targets = self.teacher_targets(teacher["backbone"], images)
         if self.clone_batch > 1:
             images = images.repeat_interleave(self.clone_batch, dim=0)

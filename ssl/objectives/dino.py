@@ -4,6 +4,23 @@ Faithful to facebookresearch/dino: the teacher sees only the global crops, the l
 every (teacher global, other student crop) pair, the centre is updated after the loss from the
 all-reduced teacher logits, the teacher temperature warms up per epoch, and the prototype layer
 is frozen during the first `freeze_last_layer` epochs.
+
+From the command line: `python -m ssl.pretrain experiment=quickstart`. In Python, one step's
+loss on a tiny ViT:
+
+>>> import copy, torch
+>>> from omegaconf import OmegaConf
+>>> from ssl.backbones.factory import build_backbone
+>>> from ssl.objectives import recipe_settings
+>>> vit = build_backbone(OmegaConf.create(
+...     {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "kwargs": {"depth": 2}}))
+>>> dino = DINO(vit.embed_dim, **recipe_settings("dino", out_dim=256, local_crops=2))
+>>> teacher = nn.ModuleDict({"backbone": copy.deepcopy(vit), "dino": copy.deepcopy(dino.head)})
+>>> crops = [torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)] * 2
+>>> out = dino.loss({VIEWS: crops}, vit, teacher, StepContext())
+>>> out.loss.isfinite().item()
+True
+>>> out.loss.backward()  # the training module then steps and moves the teacher by EMA
 """
 
 from __future__ import annotations
@@ -17,13 +34,16 @@ from torch import nn
 
 from ssl.backbones.base import Backbone
 from ssl.backbones.multicrop import encode_crops
-from ssl.data.spec import ViewSpec
+from ssl.data.spec import VIEWS, CropRecipe, ViewSpec
 from ssl.errors import IncompatibleConfigError
 from ssl.heads.dino import DINOHead
 from ssl.losses.dino import dino_loss_from_probs, teacher_probabilities, updated_center
 from ssl.objectives.base import Objective, ObjectiveOutput, StepContext
 from ssl.optim.schedules import warmup_constant_schedule
 from ssl.teacher import TeacherSpec
+
+# DataAugmentationDINO, which is the data layer's standard multi-crop recipe.
+DINO_CROPS = CropRecipe(name="dino")
 
 
 class DINO(Objective):
@@ -34,22 +54,23 @@ class DINO(Objective):
     def __init__(
         self,
         embed_dim: int,
-        out_dim: int = 65536,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        use_bn_in_head: bool = False,
-        norm_last_layer: bool = True,
-        student_temp: float = 0.1,
-        teacher_temp: float = 0.04,
-        warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_epochs: int = 0,
-        center_momentum: float = 0.9,
-        freeze_last_layer: int = 1,
-        global_crops: int = 2,
-        local_crops: int = 8,
-        teacher_momentum: float = 0.996,
-        teacher_momentum_end: float = 1.0,
+        *,
+        out_dim: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        use_bn_in_head: bool,
+        norm_last_layer: bool,
+        student_temp: float,
+        teacher_temp: float,
+        warmup_teacher_temp: float,
+        warmup_teacher_temp_epochs: int,
+        center_momentum: float,
+        freeze_last_layer: int,
+        global_crops: int,
+        local_crops: int,
+        teacher: Mapping[str, Any],
     ) -> None:
+        """Settings and their defaults: conf/objective/dino.yaml (`teacher`: momentum, momentum_end)."""
         super().__init__()
         if global_crops < 1:
             raise IncompatibleConfigError("DINO needs at least one global crop (global_crops >= 1).")
@@ -71,31 +92,15 @@ class DINO(Objective):
         self.freeze_last_layer = freeze_last_layer
         self.global_crops = global_crops
         self.local_crops = local_crops
-        self._teacher = TeacherSpec(teacher_momentum, teacher_momentum_end, train_mode=True)
+        momentum, momentum_end = float(teacher["momentum"]), float(teacher["momentum_end"])
+        self._teacher = TeacherSpec(momentum, momentum_end, train_mode=True)
 
     @classmethod
-    def from_config(cls, cfg: Any, backbone: Backbone) -> DINO:
-        return cls(
-            backbone.embed_dim,
-            out_dim=cfg.out_dim,
-            hidden_dim=cfg.hidden_dim,
-            bottleneck_dim=cfg.bottleneck_dim,
-            use_bn_in_head=cfg.use_bn_in_head,
-            norm_last_layer=cfg.norm_last_layer,
-            student_temp=cfg.student_temp,
-            teacher_temp=cfg.teacher_temp,
-            warmup_teacher_temp=cfg.warmup_teacher_temp,
-            warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
-            center_momentum=cfg.center_momentum,
-            freeze_last_layer=cfg.freeze_last_layer,
-            global_crops=cfg.global_crops,
-            local_crops=cfg.local_crops,
-            teacher_momentum=cfg.teacher.momentum,
-            teacher_momentum_end=cfg.teacher.momentum_end,
-        )
+    def backbone_inputs(cls, backbone: Backbone) -> tuple[int]:
+        return (backbone.embed_dim,)
 
     def view_spec(self) -> ViewSpec:
-        return ViewSpec(self.global_crops, self.local_crops)
+        return ViewSpec(self.global_crops, self.local_crops, crop_recipe=DINO_CROPS)
 
     def teacher_spec(self) -> TeacherSpec:
         return self._teacher
@@ -128,7 +133,7 @@ class DINO(Objective):
         teacher: nn.ModuleDict | None,
         ctx: StepContext,
     ) -> ObjectiveOutput:
-        crops = batch["views"]
+        crops = batch[VIEWS]
         n_global = self.global_crops
         # Shared with any other objective of the combination encoding the same crops.
         student_features = ctx.forwards.get_or_compute(

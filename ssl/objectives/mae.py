@@ -6,6 +6,24 @@ where MAE's speed comes from; a light decoder with mask tokens and fixed 2-D sin
 predicts every patch; the loss is the MSE on removed patches, per-patch normalised targets
 (`norm_pix_loss`) by default as in the paper. With `official_init` the encoder gets MAE's fixed
 sin-cos position embedding and xavier initialisation.
+
+From the command line: `python -m ssl.pretrain experiment=quickstart_mae`. In Python, one step's
+loss on a tiny ViT:
+
+>>> import copy, torch
+>>> from omegaconf import OmegaConf
+>>> from ssl.backbones.factory import build_backbone
+>>> from ssl.objectives import recipe_settings
+>>> vit = build_backbone(OmegaConf.create(
+...     {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "kwargs": {"depth": 2}}))
+>>> mae = MAE(vit, **recipe_settings("mae", image_size=32))
+>>> batch = {PLAIN_VIEWS: [torch.rand(4, 3, 32, 32)]}
+>>> for masker in mae.batch_maskers():  # the data layer draws the masks with the batch
+...     batch.update(masker(4, torch.Generator().manual_seed(0)))
+>>> out = mae.loss(batch, vit, None, StepContext())
+>>> out.loss.isfinite().item()
+True
+>>> out.loss.backward()
 """
 
 from __future__ import annotations
@@ -20,7 +38,7 @@ from ssl.backbones.base import Backbone
 from ssl.backbones.sincos import sincos_2d
 from ssl.backbones.vit import ViTBackbone
 from ssl.data.masking import RandomTokenMasker, gather_tokens, random_token_mask, visible_token_count
-from ssl.data.spec import BatchMasker, ViewSpec
+from ssl.data.spec import PLAIN_VIEWS, BatchMasker, ViewSpec
 from ssl.errors import IncompatibleConfigError
 from ssl.heads.mae_decoder import MAEDecoder, xavier_init
 from ssl.losses.mae import mae_loss, patchify, unpatchify
@@ -61,16 +79,18 @@ class MAE(Objective):
     def __init__(
         self,
         backbone: Backbone,
+        *,
         image_size: int,
-        mask_ratio: float = 0.75,
-        norm_pix_loss: bool = True,
-        decoder_dim: int | None = None,
-        decoder_depth: int | None = None,
-        decoder_heads: int | None = None,
-        mlp_ratio: float = 4.0,
-        official_init: bool = True,
-        crop_scale: tuple[float, float] = (0.2, 1.0),
+        mask_ratio: float,
+        norm_pix_loss: bool,
+        decoder_dim: int | None,
+        decoder_depth: int | None,
+        decoder_heads: int | None,
+        mlp_ratio: float,
+        official_init: bool,
+        crop_scale: tuple[float, float],
     ) -> None:
+        """Settings and their defaults: conf/objective/mae.yaml."""
         super().__init__()
         self.check_backbone(backbone)
         self.patch_size = backbone.patch_size
@@ -93,21 +113,6 @@ class MAE(Objective):
         )
 
     @classmethod
-    def from_config(cls, cfg: Any, backbone: Backbone) -> MAE:
-        return cls(
-            backbone,
-            image_size=cfg.image_size,
-            mask_ratio=cfg.mask_ratio,
-            norm_pix_loss=cfg.norm_pix_loss,
-            decoder_dim=cfg.decoder_dim,
-            decoder_depth=cfg.decoder_depth,
-            decoder_heads=cfg.decoder_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            official_init=cfg.official_init,
-            crop_scale=tuple(cfg.crop_scale),
-        )
-
-    @classmethod
     def check_backbone(cls, backbone: Backbone) -> None:
         if not isinstance(backbone, ViTBackbone):
             raise IncompatibleConfigError(
@@ -127,8 +132,12 @@ class MAE(Objective):
         """The decoder's transformer blocks (ViT-B's decoder: 25M parameters) shard under FSDP."""
         return list(self.decoder.blocks)
 
+    def token_masker(self) -> RandomTokenMasker:
+        """The per-sample random masks of a batch, drawn in the collate step under this objective's keys."""
+        return RandomTokenMasker(self.num_tokens, self.mask_ratio, prefix=self.name)
+
     def batch_maskers(self) -> list[BatchMasker]:
-        return [RandomTokenMasker(self.num_tokens, self.mask_ratio, prefix=self.name)]
+        return [self.token_masker()]
 
     def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
         """As MAE's timm `add_weight_decay`: biases and 1-D tensors only; the mask token decays."""
@@ -158,10 +167,11 @@ class MAE(Objective):
         teacher: nn.ModuleDict | None,
         ctx: StepContext,
     ) -> ObjectiveOutput:
-        images = batch["plain_views"][0]
-        pred, _ = self.predict(backbone, images, batch["mae_ids_shuffle"], batch["mae_ids_restore"])
+        images = batch[PLAIN_VIEWS][0]
+        keys = self.token_masker()
+        pred, _ = self.predict(backbone, images, batch[keys.ids_shuffle_key], batch[keys.ids_restore_key])
         target = patchify(images, self.patch_size)
-        loss = mae_loss(pred, target, batch["mae_mask"], self.norm_pix_loss)
+        loss = mae_loss(pred, target, batch[keys.mask_key], self.norm_pix_loss)
         return ObjectiveOutput(loss, {})
 
     @torch.no_grad()

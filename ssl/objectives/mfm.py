@@ -7,6 +7,24 @@ image is encoded (no mask token), a 1x1 convolution + PixelShuffle at the encode
 predicts the full image, and the loss is the spectrum distance on the removed frequencies only,
 averaged over the removed (image, frequency) pairs of the batch. Works for ViTs (patch tokens as
 a grid) and CNNs (last feature map).
+
+From the command line: `python -m ssl.pretrain experiment=quickstart_mfm`. In Python, one step's
+loss on a tiny ViT:
+
+>>> import copy, torch
+>>> from omegaconf import OmegaConf
+>>> from ssl.backbones.factory import build_backbone
+>>> from ssl.objectives import recipe_settings
+>>> vit = build_backbone(OmegaConf.create(
+...     {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "kwargs": {"depth": 2}}))
+>>> mfm = MFM(vit, **recipe_settings("mfm", image_size=32, mean=[0.5] * 3, std=[0.25] * 3))
+>>> batch = {PLAIN_VIEWS: [torch.rand(4, 3, 32, 32)]}
+>>> for masker in mfm.batch_maskers():  # low- or high-pass per image, drawn with the batch
+...     batch.update(masker(4, torch.Generator().manual_seed(0)))
+>>> out = mfm.loss(batch, vit, None, StepContext())
+>>> out.loss.isfinite().item()
+True
+>>> out.loss.backward()
 """
 
 from __future__ import annotations
@@ -19,7 +37,7 @@ from torch import nn
 
 from ssl.backbones.base import Backbone
 from ssl.data.frequency import FrequencyMasker, frequency_corrupt, scaled_radius
-from ssl.data.spec import BatchMasker, ViewSpec
+from ssl.data.spec import PLAIN_VIEWS, BatchMasker, ViewSpec
 from ssl.errors import IncompatibleConfigError
 from ssl.heads.pixel_shuffle import PixelShuffleHead
 from ssl.losses.mfm import FocalWeighting, mfm_loss
@@ -37,15 +55,18 @@ class MFM(Objective):
     def __init__(
         self,
         backbone: Backbone,
+        *,
         image_size: int,
         mean: Sequence[float],
         std: Sequence[float],
-        radius: float | None = None,
-        lowpass_prob: float | None = None,
-        loss_gamma: float = 1.0,
-        focal: FocalWeighting | None = None,
-        crop_scale: tuple[float, float] = (0.2, 1.0),
+        radius: float | None,
+        lowpass_prob: float | None,
+        loss_gamma: float,
+        focal: Mapping[str, Any],
+        crop_scale: tuple[float, float],
     ) -> None:
+        """Settings and their defaults: conf/objective/mfm.yaml (`focal`: enabled, matrix_gamma,
+        log_matrix, batch_matrix)."""
         super().__init__()
         self.image_size = int(image_size)
         self.radius = float(radius) if radius is not None else scaled_radius(self.image_size)
@@ -57,31 +78,18 @@ class MFM(Objective):
             )
         self.lowpass_prob = float(lowpass_prob)
         self.loss_gamma = float(loss_gamma)
-        self.focal = focal
+        self.focal = (
+            FocalWeighting(focal["matrix_gamma"], focal["log_matrix"], focal["batch_matrix"])
+            if focal["enabled"] else None
+        )
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.stride = backbone.output_stride()
         self.head = PixelShuffleHead(backbone.embed_dim, self.stride)
         as_column = lambda values: torch.tensor([float(v) for v in values]).view(1, 3, 1, 1)  # noqa: E731
         self.register_buffer("mean", as_column(mean), persistent=False)
         self.register_buffer("std", as_column(std), persistent=False)
-        self.masker = FrequencyMasker(self.image_size, self.radius, self.lowpass_prob, key="mfm_keep")
-
-    @classmethod
-    def from_config(cls, cfg: Any, backbone: Backbone) -> MFM:
-        focal = None
-        if cfg.focal.enabled:
-            focal = FocalWeighting(cfg.focal.matrix_gamma, cfg.focal.log_matrix, cfg.focal.batch_matrix)
-        return cls(
-            backbone,
-            image_size=cfg.image_size,
-            mean=list(cfg.mean),
-            std=list(cfg.std),
-            radius=cfg.radius,
-            lowpass_prob=cfg.lowpass_prob,
-            loss_gamma=cfg.loss_gamma,
-            focal=focal,
-            crop_scale=tuple(cfg.crop_scale),
-        )
+        keep_key = f"{self.name}_keep"
+        self.masker = FrequencyMasker(self.image_size, self.radius, self.lowpass_prob, key=keep_key)
 
     def view_spec(self) -> ViewSpec:
         return ViewSpec(plain_crops=1, plain_crop_scale=self.crop_scale)
@@ -115,8 +123,8 @@ class MFM(Objective):
         teacher: nn.ModuleDict | None,
         ctx: StepContext,
     ) -> ObjectiveOutput:
-        images = batch["plain_views"][0]
-        keep = batch["mfm_keep"]
+        images = batch[PLAIN_VIEWS][0]
+        keep = batch[self.masker.key]
         pred = self.predict(backbone, self.corrupt(images, keep))
         loss = mfm_loss(pred, images, keep, self.loss_gamma, self.focal)
         return ObjectiveOutput(loss, {"lowpass_fraction": keep.flatten(1).mean(1).lt(0.5).float().mean()})

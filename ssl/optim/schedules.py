@@ -1,8 +1,17 @@
-"""Per-optimizer-step schedules, precomputed once (lr, weight decay, EMA momentum)."""
+"""Per-optimizer-step schedules, precomputed once (lr, weight decay, EMA momentum).
+
+`training_schedules` turns an optimizer recipe (conf/optimizer/*.yaml) and the run's size into the
+arrays the training module indexes by `global_step`; the curves themselves are pure functions.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from ssl.teacher import TeacherSpec
 
 
 def cosine_schedule(
@@ -104,6 +113,48 @@ LR_SCHEDULES = {
     "timm_cosine": timm_cosine_schedule,
     "ramp_cosine": ramp_cosine_schedule,
 }
+
+
+def lr_schedule(cfg: Any) -> Any:
+    """`optimizer.lr_schedule`: cosine (DINO, MAE), timm_cosine (MFM) or ramp_cosine (CoKe);
+    unknown names list the valid ones."""
+    name = cfg.get("lr_schedule", "cosine")
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown optimizer.lr_schedule '{name}'; valid: {', '.join(LR_SCHEDULES)}")
+    return LR_SCHEDULES[name]
+
+
+def training_schedules(
+    cfg: Any,
+    global_batch: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    teacher: TeacherSpec | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-step lr, weight decay and (with a `teacher`) EMA momentum for one run.
+
+    lr = base lr x `global_batch` / lr_reference_batch (256 for DINO and MAE, 512 for MFM) when
+    `scale_lr_with_batch`; MFM's recipe also scales its min and warm-up start lr
+    (`scale_min_lr_with_batch`). `frozen_epochs` (CoKe) keep lr at 0 first; warm-up and decay
+    follow over the rest. Pure: the same recipe and run size give the same arrays.
+    """
+    scale = global_batch / cfg.get("lr_reference_batch", 256)
+    lr = cfg.lr * (scale if cfg.scale_lr_with_batch else 1.0)
+    low_scale = scale if cfg.get("scale_min_lr_with_batch", False) else 1.0
+    min_lr, warmup_start = cfg.min_lr * low_scale, cfg.get("warmup_start_lr", 0.0) * low_scale
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    # CoKe's bootstrap epoch(s): lr 0 while labels and centres are initialised.
+    frozen = min(int(round(cfg.get("frozen_epochs", 0) * steps_per_epoch)), total_steps)
+    lrs = lr_schedule(cfg)(lr, min_lr, total_steps - frozen, warmup, warmup_start)
+    schedules = {
+        "lr": frozen_then(frozen, lrs),
+        "weight_decay": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total_steps),
+    }
+    if teacher is not None:
+        schedules["momentum"] = momentum_schedule(
+            teacher.schedule, teacher.momentum, teacher.momentum_end, total_steps, teacher.ramp_steps
+        )
+    return schedules
 
 
 def warmup_constant_schedule(start: float, end: float, warmup: int, total: int) -> np.ndarray:

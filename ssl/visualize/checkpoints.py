@@ -18,7 +18,7 @@ from torch import nn
 from ssl.callbacks.reconstructions import can_reconstruct, reconstruction_grid
 from ssl.data.datamodule import clean_loader, evenly_spaced_images
 from ssl.data.datasets import build_dataset
-from ssl.data.views import eval_transform
+from ssl.data.eval_transform import eval_transform
 from ssl.export import read_checkpoint
 from ssl.module import SSLModule
 

@@ -1,0 +1,307 @@
+"""Composite objectives (issue 10): several objectives, weighted, on one backbone and one teacher."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import FASHION_MNIST_DIR, REPO_ROOT
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from ssl.backbones.factory import build_backbone
+from ssl.composite import (
+    HeadOptim,
+    head_optim_settings,
+    objective_weights,
+    resolve_optimizer_recipe,
+)
+from ssl.config import CONFIG_DIR, objective_names
+from ssl.data.frequency import FrequencyMasker
+from ssl.errors import IncompatibleConfigError
+from ssl.module import SSLModule
+from ssl.objectives import recipe_settings
+from ssl.objectives.base import StepContext
+from ssl.objectives.dino import DINO
+from ssl.objectives.forward_cache import ForwardCache
+from ssl.objectives.mfm import MFM
+from ssl.teacher import TeacherSpec, teacher_mismatch_message
+
+MEAN, STD = [0.286] * 3, [0.353] * 3
+OPTIM = OmegaConf.load(Path(CONFIG_DIR) / "optimizer" / "dino.yaml")
+SIZE, LOCAL = 16, 8
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+# ----------------------------------------------------------------------------- configuration
+def test_a_list_of_objectives_composes_with_weights_and_the_first_recipe() -> None:
+    cfg = composed("objective=[dino,mfm]", "objective.mfm.weight=0.5", "optimizer.lr=1e-3")
+    assert list(cfg.objective) == ["dino", "mfm"]
+    assert objective_weights(cfg.objective) == {"dino": 1.0, "mfm": 0.5}
+    assert cfg.optimizer.from_objective == "first"
+    resolve_optimizer_recipe(cfg, CONFIG_DIR)
+    assert cfg.optimizer.recipe_of == "dino" and "from_objective" not in cfg.optimizer
+    assert list(cfg.optimizer.betas) == [0.9, 0.999] and cfg.optimizer.weight_decay_end == 0.4
+    assert cfg.optimizer.lr == 1e-3  # a key set on the command line overrides the recipe
+    assert objective_names(cfg.objective) == "dino+mfm"
+
+
+def test_the_recipe_follows_the_order_or_the_named_objective() -> None:
+    cfg = composed("objective=[mfm,dino]")
+    resolve_optimizer_recipe(cfg, CONFIG_DIR)
+    assert cfg.optimizer.recipe_of == "mfm" and list(cfg.optimizer.betas) == [0.9, 0.95]
+    cfg = composed("objective=[dino,mfm]", "optimizer.from_objective=mfm")
+    resolve_optimizer_recipe(cfg, CONFIG_DIR)
+    assert cfg.optimizer.recipe_of == "mfm"
+    cfg = composed("objective=[dino,mfm]", "optimizer=mae")  # an explicit recipe is kept as it is
+    resolve_optimizer_recipe(cfg, CONFIG_DIR)
+    assert cfg.optimizer.clip_mode == "none" and "recipe_of" not in cfg.optimizer
+    cfg = composed("objective=dino")  # one objective: its own recipe, as before
+    assert cfg.optimizer.name == "adamw" and "from_objective" not in cfg.optimizer
+
+
+def test_the_preset_composes() -> None:
+    cfg = composed("experiment=quickstart_dino_mfm")
+    assert list(cfg.objective) == ["dino", "mfm"]
+    assert head_optim_settings(cfg.objective) == {"dino": HeadOptim(), "mfm": HeadOptim(1.0, 0.05)}
+    resolve_optimizer_recipe(cfg, CONFIG_DIR)
+    assert cfg.optimizer.recipe_of == "dino" and cfg.optimizer.lr == 2e-3
+
+
+def test_teacher_mismatch_names_the_overrides() -> None:
+    message = teacher_mismatch_message({"a": TeacherSpec(0.996), "b": TeacherSpec(0.99)})
+    assert "teacher.momentum: a=0.996, b=0.99" in message
+    assert "objective.b.teacher.momentum=0.996" in message
+    fixed = teacher_mismatch_message({"a": TeacherSpec(), "b": TeacherSpec(train_mode=False)})
+    assert "cannot share a teacher" in fixed
+
+
+# ----------------------------------------------------------------------------- tiny models
+def tiny_backbone():
+    torch.manual_seed(0)
+    return build_backbone(OmegaConf.create({
+        "name": "vit_tiny_patch16_224", "img_size": SIZE, "patch_size": 4, "drop_path_rate": 0.0,
+        "kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2}}))
+
+
+def tiny_dino(backbone) -> DINO:
+    return DINO(backbone.embed_dim, **recipe_settings(
+        "dino", out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crops=1, freeze_last_layer=0,
+    ))
+
+
+def tiny_pair(mfm_weight: float = 0.5, head_optim: dict | None = None) -> SSLModule:
+    backbone = tiny_backbone()
+    objectives = {"dino": tiny_dino(backbone), "mfm": MFM(backbone, **recipe_settings(
+        "mfm", image_size=SIZE, mean=MEAN, std=STD, radius=1.0,
+    ))}
+    return SSLModule(backbone, objectives, {"dino": 1.0, "mfm": mfm_weight}, OPTIM, batch_size=4,
+                     head_optim=head_optim)
+
+
+def sample(i: int) -> dict:
+    g = torch.Generator().manual_seed(i)
+    keep = FrequencyMasker(SIZE, 1.0, 0.5, key="mfm_keep")(1, g)["mfm_keep"][0]
+    return {
+        "views": [torch.randn(3, SIZE, SIZE, generator=g), torch.randn(3, SIZE, SIZE, generator=g),
+                  torch.randn(3, LOCAL, LOCAL, generator=g)],
+        "plain_views": [torch.randn(3, SIZE, SIZE, generator=g)],
+        "mfm_keep": keep, "label": 0, "index": i,
+    }
+
+
+def batch_of(n: int = 4) -> dict:
+    return torch.utils.data.default_collate([sample(i) for i in range(n)])
+
+
+class Samples(Dataset):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> dict:
+        return sample(i)
+
+
+# ----------------------------------------------------------------------------- the combined loss
+def test_combined_loss_and_gradients_are_the_weighted_sum_of_the_separate_ones() -> None:
+    pair = tiny_pair(mfm_weight=0.5)
+    alone = {
+        name: SSLModule(copy.deepcopy(pair.backbone), {name: copy.deepcopy(pair.objectives[name])},
+                        {name: 1.0}, OPTIM, batch_size=4)
+        for name in ("dino", "mfm")
+    }
+    batch = batch_of()
+    total = pair.training_step(batch, 0)
+    total.backward()
+    separate = {}
+    for name, module in alone.items():
+        separate[name] = module.training_step(batch, 0)
+        separate[name].backward()
+    assert total.item() == pytest.approx(separate["dino"].item() + 0.5 * separate["mfm"].item(), rel=1e-6)
+    grads = {name: dict(m.backbone.named_parameters()) for name, m in alone.items()}
+    for name, param in pair.backbone.named_parameters():
+        expected = grads["dino"][name].grad + 0.5 * grads["mfm"][name].grad
+        torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-7)
+    # Each objective's state moves as it does alone: DINO's centre, from the same teacher logits.
+    torch.testing.assert_close(pair.objectives["dino"].center, alone["dino"].objectives["dino"].center)
+
+
+# ----------------------------------------------------------------------------- forward passes
+def count_passes(module: SSLModule, batch: dict) -> tuple[int, int]:
+    """Backbone passes (patch embeddings run) of the student and of the teacher in one step."""
+    counts = {"student": 0, "teacher": 0}
+    hooks = [
+        module.backbone.model.patch_embed.register_forward_hook(
+            lambda *_: counts.__setitem__("student", counts["student"] + 1)),
+        module.teacher.module["backbone"].model.patch_embed.register_forward_hook(
+            lambda *_: counts.__setitem__("teacher", counts["teacher"] + 1)),
+    ]
+    module.training_step(batch, 0)
+    for hook in hooks:
+        hook.remove()
+    return counts["student"], counts["teacher"]
+
+
+def test_dino_and_mfm_run_one_pass_per_distinct_view() -> None:
+    """Globals + locals (one pass per resolution) and MFM's filtered crop; the teacher once."""
+    assert count_passes(tiny_pair(), batch_of()) == (3, 1)
+
+
+def test_objectives_encoding_the_same_crops_share_the_passes(monkeypatch) -> None:
+    """Two DINO heads on the same crops: the student and teacher passes run once, not twice."""
+    backbone = tiny_backbone()
+    second = tiny_dino(backbone)
+    second.name = "dino2"  # its head in the teacher is found under this name
+    module = SSLModule(backbone, {"dino": tiny_dino(backbone), "dino2": second},
+                       {"dino": 1.0, "dino2": 1.0}, OPTIM, batch_size=4)
+    batch = batch_of()
+    assert count_passes(module, batch) == (2, 1)
+    monkeypatch.setattr(ForwardCache, "get_or_compute", lambda self, net, inputs, mode, compute: compute())
+    assert count_passes(module, batch) == (4, 2)  # without the cache
+
+
+def test_the_cache_tells_grad_modes_and_inputs_apart() -> None:
+    cache, net = ForwardCache(), object()
+    x, y = torch.ones(1), torch.ones(1)
+    assert cache.get_or_compute(net, [x], "m", lambda: 1) == 1
+    assert cache.get_or_compute(net, [x], "m", lambda: 2) == 1 and cache.hits == 1
+    assert cache.get_or_compute(net, [y], "m", lambda: 3) == 3  # equal values, another tensor
+    with torch.no_grad():
+        assert cache.get_or_compute(net, [x], "m", lambda: 4) == 4
+    assert StepContext().forwards is not StepContext().forwards  # one cache per step
+
+
+def test_incompatible_teachers_fail_when_built() -> None:
+    backbone = tiny_backbone()
+    other = tiny_dino(backbone)
+    other.name = "dino2"
+    other._teacher = TeacherSpec(0.9)
+    with pytest.raises(IncompatibleConfigError, match="objective.dino2.teacher.momentum=0.996"):
+        SSLModule(backbone, {"dino": tiny_dino(backbone), "dino2": other}, {}, OPTIM, batch_size=4)
+
+
+# ----------------------------------------------------------------------------- optimiser, state, resume
+def fit(module: SSLModule, root: Path, epochs: int, ckpt: Path | None = None) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, log_every_n_steps=1,
+        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)],
+    )
+    trainer.fit(module, DataLoader(Samples(), batch_size=4), ckpt_path=ckpt)
+    return trainer
+
+
+def test_state_and_per_objective_optimiser_groups_survive_resume(tmp_path: Path) -> None:
+    settings = {"mfm": HeadOptim(lr_scale=0.5, weight_decay=0.05)}
+    module = tiny_pair(head_optim=settings)
+    trainer = fit(module, tmp_path, epochs=1)
+    groups = trainer.optimizers[0].param_groups
+    backbone = next(g for g in groups if "objective" not in g and g["apply_weight_decay"])
+    dino = next(g for g in groups if g.get("objective") == "dino" and g["apply_weight_decay"])
+    mfm = next(g for g in groups if g.get("objective") == "mfm" and g["apply_weight_decay"])
+    assert mfm["fixed_weight_decay"] and mfm["params"][0].ndim > 1
+    assert mfm["lr"] == pytest.approx(0.5 * backbone["lr"]) and backbone["lr"] > 0
+    last_step_wd = float(module.schedules["weight_decay"][trainer.global_step - 1])
+    assert mfm["weight_decay"] == 0.05 and backbone["weight_decay"] == pytest.approx(last_step_wd)
+    assert dino["lr"] == pytest.approx(backbone["lr"]) and dino["weight_decay"] == backbone["weight_decay"]
+
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    center = state["objectives.dino.center"]
+    assert center.abs().sum() > 0  # DINO's centre moved; it lives under its objective's name
+    assert any(k.startswith("objectives.mfm.head.") for k in state)
+    assert any(k.startswith("teacher.module.dino.") for k in state)  # the teacher mirrors DINO's head
+    assert not any(k.startswith("teacher.module.mfm") for k in state)  # ... not MFM's
+    mfm_head = {k: v for k, v in state.items() if k.startswith("objectives.mfm.head.")}
+
+    restored = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, module) -> None:
+            restored["center"] = module.objectives["dino"].center.clone()
+            restored["mfm"] = {f"objectives.mfm.{k}": v.clone()
+                               for k, v in module.objectives["mfm"].state_dict().items()}
+            restored["groups"] = [(g.get("objective"), g.get("lr_scale"), g["weight_decay"])
+                                  for g in trainer.optimizers[0].param_groups]
+
+    resumed = tiny_pair(head_optim=settings)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path / "resumed", callbacks=[Probe()])
+    trainer.fit(resumed, DataLoader(Samples(), batch_size=4), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    torch.testing.assert_close(restored["center"], center)
+    for key, value in mfm_head.items():
+        torch.testing.assert_close(restored["mfm"][key], value)
+    assert ("mfm", 0.5, 0.05) in restored["groups"]
+    assert trainer.global_step == 6
+
+
+# ----------------------------------------------------------------------------- command line
+needs_data = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs dataset-fashion-mnist")
+
+
+def pretrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ssl.pretrain", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@needs_data
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["objective=[dino,data2vec]"], "cannot share a teacher"),
+    (["objective=[dino,mfm]", "optimizer.from_objective=mae"], "optimizer.from_objective=mae is not one of"),
+])
+def test_bad_combinations_exit_2_before_training(tmp_path: Path, overrides: list[str], message: str) -> None:
+    out = pretrain(*overrides, "backbone=vit_t", "knn.enabled=false", f"hydra.run.dir={tmp_path}/r")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+@needs_data
+@pytest.mark.slow
+def test_the_dino_mfm_preset_trains_and_logs_each_objective(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    out = pretrain(
+        "experiment=quickstart_dino_mfm", "backbone.kwargs.depth=1", "objective.dino.out_dim=128",
+        "objective.dino.hidden_dim=64", "objective.dino.local_crops=2", "data.batch_size=16",
+        "data.num_workers=0", "trainer.limit_train_batches=3", "trainer.log_every_n_steps=1",
+        "knn.max_train_samples=200", "knn.max_test_samples=100", "trainer.enable_model_summary=false",
+        f"hydra.run.dir={run_dir}", timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    header = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for name in ("train/loss", "train/dino/loss", "train/mfm/loss", "train/dino/teacher_entropy",
+                 "train/mfm/lowpass_fraction"):
+        assert name in header, name
+    recorded = OmegaConf.load(run_dir / "config.yaml")
+    assert recorded.optimizer.recipe_of == "dino" and recorded.objective.mfm.weight_decay == 0.05
+    assert "top-1" in out.stdout
