@@ -83,6 +83,20 @@ def test_knn_eval_of_checkpoint_and_export(pretrained_run, tmp_path: Path) -> No
     assert 10.0 <= from_ckpt["k"]["20"]["top1"] <= 100.0
 
 
+def test_degradation_analysis_of_a_trained_checkpoint(pretrained_run, tmp_path: Path) -> None:
+    """`checkpoint=` adds the trained backbone as a reference, next to pixels and the untrained one."""
+    run_dir, _ = pretrained_run
+    out = run(["ssl.analyze.degradation", "objective=dino", *TINY[:2], "objective.dino.local_crops=2",
+               f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}", "analysis.max_samples=100",
+               "analysis.max_train_samples=300", "analysis.strengths=[0.1,0.4]", "analysis.linear=false",
+               "num_workers=0", f"hydra.run.dir={tmp_path}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "degradation.json").read_text())
+    names = [r["reference"] for r in results["references"]]
+    assert len(names) == 3 and "teacher backbone of" in names[2], names
+    assert results["default"] == [0.05, 0.4]  # the dataset's local crop scale, as DINO trains
+
+
 def test_a_new_run_never_clobbers_an_old_run_directory(pretrained_run) -> None:
     """Another config in the same directory is refused (the same config resumes: test_resume_exact)."""
     run_dir, _ = pretrained_run
