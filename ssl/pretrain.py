@@ -42,11 +42,14 @@ from ssl.objectives import OBJECTIVES, build_objective
 from ssl.optim.nonfinite import NonFiniteLossError
 from ssl.redaction import redact_overrides
 from ssl.run_dir import (
+    RESULT_FILE,
+    finished_result,
     launched_as_worker_rank,
     prepare_run_dir,
     recorded_config,
     redact_sweep_config,
     wandb_run_id,
+    write_result,
 )
 from ssl.sharding import (
     BlockShardedStrategy,
@@ -231,9 +234,10 @@ def build_datamodule(
 class PreparedRun:
     module: SSLModule
     data: PretrainDataModule
-    trainer: pl.Trainer
+    trainer: pl.Trainer | None  # None when the run has already finished
     knn: OnlineKNN | None
     resume: Path | None = None  # the checkpoint to continue from (auto-resume or `resume=`)
+    finished: dict | None = None  # the result a finished run of this config wrote (nothing to train)
 
 
 def prepare(cfg: DictConfig) -> PreparedRun:
@@ -247,6 +251,9 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     if sharded:
         transformer_blocks(module.backbone)  # FSDP needs a ViT: fail now, not in every rank
     data = build_datamodule(cfg, module, dataset)
+    finished = finished_result(run_dir, cfg)
+    if finished is not None:
+        return PreparedRun(module, data, trainer=None, knn=None, finished=finished)
     # Only once every check has passed: a failed start leaves no run.
     resume = prepare_run_dir(run_dir, cfg)
     knn = None
@@ -280,11 +287,17 @@ def prepare(cfg: DictConfig) -> PreparedRun:
 
 
 def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
-    """Train, export the backbone, report the final k-NN; returns paths and numbers."""
+    """Train, export the backbone, report the final k-NN; returns paths and numbers.
+
+    A run that reaches its end writes result.json (an interrupted one does not), so the same
+    command, or the multirun grid it belongs to, does not train it again."""
     module, trainer, knn = prepared.module, prepared.trainer, prepared.knn
+    assert trainer is not None
     resume = str(prepared.resume) if prepared.resume is not None else None
     trainer.fit(module, datamodule=prepared.data, ckpt_path=resume)
     run_dir = Path(cfg.run_dir)
+    if trainer.interrupted:  # Ctrl-C: Lightning returns from fit; the checkpoints resume it
+        return {"run_dir": str(run_dir), "interrupted": True}
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     if cfg.export.enabled:
         which = cfg.export.which
@@ -300,6 +313,8 @@ def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
         result["knn"] = knn.last
         print(f"k-NN (k={cfg.knn.k}, T={cfg.knn.temperature}) on {cfg.dataset.name} test: "
               f"top-1 {knn.last['top1']:.2f}%  top-5 {knn.last['top5']:.2f}%")
+    if trainer.is_global_zero:
+        write_result(run_dir, result)
     return result
 
 
@@ -313,6 +328,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"ssl.pretrain: error: {error}", file=sys.stderr)
         sys.exit(2)
+    if prepared.finished is not None:
+        print(f"ssl.pretrain: {cfg.run_dir} already holds this run, finished: nothing to train "
+              f"(its results are in {RESULT_FILE}; remove that file to train it again).", file=sys.stderr)
+        return prepared.finished
     try:
         return fit(cfg, prepared)
     except NonFiniteLossError as error:

@@ -7,6 +7,7 @@ multirun.yaml are kept here too, secrets redacted. Rank > 0 processes follow ran
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
@@ -21,6 +22,7 @@ from ssl.checkpointing.resume import checkpoint_step, config_differences, latest
 from ssl.redaction import redact, redact_yaml_file
 
 WANDB_ID_FILE = "wandb_run_id"
+RESULT_FILE = "result.json"  # written when a run has finished: its presence means "do not train again"
 
 
 class RunDirectoryInUseError(FileExistsError):
@@ -84,6 +86,28 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> Path | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(recorded_config(cfg)))
     return Path(cfg.resume) if cfg.get("resume") else None
+
+
+def finished_result(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """What an earlier run of this same config in `run_dir` reported when it finished, else None.
+
+    Rerunning a multirun grid (or the same command) then skips the finished runs instead of
+    loading their last checkpoint, exporting and evaluating again. A different config there is
+    not "finished": prepare_run_dir refuses it with the keys that differ.
+    """
+    path, config = run_dir / RESULT_FILE, run_dir / "config.yaml"
+    if not path.is_file() or not config.is_file():
+        return None
+    if config_differences(OmegaConf.to_container(OmegaConf.load(config)), resolved_config(cfg)):
+        return None
+    return json.loads(path.read_text())
+
+
+def write_result(run_dir: Path, result: dict) -> Path:
+    """Mark the run finished (see finished_result); the file also holds its paths and k-NN."""
+    path = run_dir / RESULT_FILE
+    path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return path
 
 
 def recorded_config(cfg: DictConfig) -> dict:

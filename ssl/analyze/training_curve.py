@@ -4,7 +4,7 @@ learned at each degradation strength, beside how much of the image that strength
 A grid is a Hydra multirun of ssl.pretrain, one run per strength (e.g.
 `python -m ssl.pretrain -m experiment=curve_mae_mask_ratio`, whose run directories are named by the
 strength, so rerunning the multirun resumes unfinished runs and skips finished ones). For every run
-with an exported backbone this evaluates k-NN (and the fast linear probe) on the full splits with
+that finished (result.json) evaluates k-NN (and the fast linear probe) on the full splits with
 ssl.eval's own code (features cached), next to raw pixels and the same backbone untrained, and
 writes curve.json, curve.md and curve.png in the grid directory. `analysis=<degradation.json>` (from
 ssl.analyze.degradation on the same knob) draws the degradation's curves in a second panel.
@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssl.config import CONFIG_DIR
 from ssl.eval import knn as knn_eval
 from ssl.eval import linear as linear_eval
+from ssl.run_dir import RESULT_FILE
 
 
 def eval_settings(name: str, cfg: DictConfig, **chosen: Any) -> DictConfig:
@@ -51,7 +52,9 @@ def evaluations(cfg: DictConfig, **encoder: Any) -> dict[str, float]:
 
 
 def grid_runs(grid: Path, knob: str) -> tuple[list[tuple[float, Path, dict]], list[str]]:
-    """(strength, run dir, its config) of every finished run, sorted by strength; unfinished ones."""
+    """(strength, exported backbone, run config) of every finished run, by strength; the others.
+
+    A run has finished once ssl.pretrain wrote its result.json (an interrupted one has not)."""
     finished, unfinished = [], []
     for config_path in sorted(grid.glob("*/config.yaml")):
         run_dir = config_path.parent
@@ -59,10 +62,16 @@ def grid_runs(grid: Path, knob: str) -> tuple[list[tuple[float, Path, dict]], li
         value = OmegaConf.select(run_cfg, knob)
         if value is None:
             raise ValueError(f"{config_path} has no setting {knob}: pass the knob the grid varies")
-        if (run_dir / "backbone.safetensors").is_file():
-            finished.append((float(value), run_dir, OmegaConf.to_container(run_cfg)))
-        else:
+        result_path = run_dir / RESULT_FILE
+        if not result_path.is_file():
             unfinished.append(str(run_dir))
+            continue
+        backbone = json.loads(result_path.read_text()).get("backbone")
+        if backbone is None:
+            raise ValueError(f"{run_dir} finished without exporting its backbone (export.enabled=false); "
+                             "train the grid with export.enabled=true")
+        # Beside result.json, wherever the grid now lies (the recorded path may be from before a move).
+        finished.append((float(value), run_dir / Path(backbone).name, OmegaConf.to_container(run_cfg)))
     return sorted(finished, key=lambda item: item[0]), unfinished
 
 
@@ -72,13 +81,13 @@ def collect(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"grid directory {grid} does not exist")
     runs, unfinished = grid_runs(grid, cfg.knob)
     if not runs:
-        raise ValueError(f"{grid} holds no finished run (a finished run has exported backbone.safetensors)")
+        raise ValueError(f"{grid} holds no finished run (ssl.pretrain writes result.json when one ends)")
     first = runs[0][2]
     dataset = first["dataset"]
     rows = []
-    for strength, run_dir, _ in runs:
-        scores = evaluations(cfg, checkpoint=str(run_dir / "backbone.safetensors"), dataset=dataset)
-        rows.append({"strength": strength, "run_dir": str(run_dir), **scores})
+    for strength, backbone_path, _ in runs:
+        scores = evaluations(cfg, checkpoint=str(backbone_path), dataset=dataset)
+        rows.append({"strength": strength, "backbone": str(backbone_path), **scores})
     shape_keys = ("name", "img_size", "patch_size", "kwargs", "small_image_stem")
     backbone = {k: v for k, v in first["backbone"].items() if k in shape_keys}
     baselines = {
