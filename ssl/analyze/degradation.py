@@ -71,6 +71,23 @@ def chosen_degradation(cfg: DictConfig, knobs: dict[str, Degradation]) -> tuple[
     return degradation, strengths
 
 
+def degradation_of(cfg: DictConfig) -> tuple[str, Degradation, list[float], dict[str, Degradation]]:
+    """The objective's name, the chosen knob with its strengths, and every knob of its recipe."""
+    train_size = len(build_dataset(cfg.dataset, "train"))
+    name, objective, patch = objective_of(cfg, train_size)
+    knobs = objective_degradations(objective.batch_maskers(), objective.view_spec(), cfg.dataset, patch)
+    degradation, strengths = chosen_degradation(cfg, knobs)
+    return name, degradation, strengths, knobs
+
+
+def composed(*overrides: str) -> DictConfig:
+    """The command's config without running it (notebooks, tests): `composed("objective=mae")`."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("analyze/degradation", overrides=list(overrides))
+
+
 def eval_config(cfg: DictConfig, kind: str) -> DictConfig:
     """The ssl.eval settings that resolve one reference encoder and extract its clean features."""
     return OmegaConf.create({
@@ -132,10 +149,7 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist")
     if not kinds:
         raise ValueError("no reference to measure: analysis.references lists none that applies")
-    train_size = len(build_dataset(cfg.dataset, "train"))
-    name, objective, patch = objective_of(cfg, train_size)
-    knobs = objective_degradations(objective.batch_maskers(), objective.view_spec(), cfg.dataset, patch)
-    degradation, strengths = chosen_degradation(cfg, knobs)
+    name, degradation, strengths, knobs = degradation_of(cfg)
     a = cfg.analysis
     settings = SweepSettings(k=a.k, temperature=a.temperature, linear=a.linear,
                              linear_epochs=a.linear_epochs, pairs=a.pairs, chunk_size=a.chunk_size,

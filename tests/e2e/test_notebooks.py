@@ -18,6 +18,7 @@ NOTEBOOKS = {
     "reconstructions": ("mae", ["reconstructions_mae.png"]),
     "knn_retrieval": ("dino", ["knn_retrieval.png"]),
     "embedding_2d": ("dino", ["embedding_2d.png"]),
+    "degradation": ("mae", [f"degradation_{o}.png" for o in ("mae", "data2vec", "mfm", "dino", "coke")]),
 }
 needs_data = pytest.mark.skipif(
     not FASHION_MNIST_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist"
@@ -37,7 +38,10 @@ MASKED_TINY = [
     "trainer.log_every_n_steps=1", "reconstructions.num_images=4",
 ]
 # Small enough for 2 CPU cores: a few images, 2000 train images searched, 400 points in the t-SNE.
-NOTEBOOK_ENV = {"SSL_NOTEBOOK_IMAGES": "4", "SSL_NOTEBOOK_MAX_TRAIN": "2000", "SSL_NOTEBOOK_POINTS": "400"}
+# The degradation notebook: 200 test images, linear probe off, a 1-block untrained ViT.
+NOTEBOOK_ENV = {"SSL_NOTEBOOK_IMAGES": "4", "SSL_NOTEBOOK_MAX_TRAIN": "2000", "SSL_NOTEBOOK_POINTS": "400",
+                "SSL_NOTEBOOK_SAMPLES": "200",
+                "SSL_NOTEBOOK_OVERRIDES": "analysis.linear=false +backbone.kwargs.depth=1 num_workers=0"}
 
 
 def pretrain(args: list[str], run_dir: Path) -> Path:
