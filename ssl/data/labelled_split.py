@@ -81,7 +81,9 @@ def choose_labelled(
         return None
     if len(given) > 1:
         names = ", ".join(f"{prefix}{k}" for k in given)
-        raise ValueError(f"{names} are all set: choose the labelled subset by one of them, set the others to null")  # noqa: E501
+        raise ValueError(
+            f"{names} are all set: choose the labelled subset by one of them, set the others to null"
+        )
     labels = np.asarray(labels, dtype=np.int64)
     if fraction is not None:
         f = float(fraction)

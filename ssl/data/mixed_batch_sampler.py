@@ -55,11 +55,18 @@ class MixedBatchSampler(ResumableSampler):
                 f"data.labelled_per_batch needs labelled images on every one of the {num_replicas} ranks; "
                 f"the split holds {len(self.labelled)}: label more (dataset.labelled_fraction / _per_class)"
             )
-        if self.per_batch < self.batch_size and len(self.unlabelled) < num_replicas * (self.batch_size - self.per_batch):  # noqa: E501
+        others = self.batch_size - self.per_batch
+        if others and len(self.unlabelled) < num_replicas * others:
             raise IncompatibleConfigError(
-                f"data.labelled_per_batch={labelled_per_batch}: only {len(self.unlabelled)} unlabelled images, "  # noqa: E501
-                f"not one batch of {self.batch_size - self.per_batch} per rank; set data.labelled_per_batch="
+                f"data.labelled_per_batch={labelled_per_batch}: only {len(self.unlabelled)} unlabelled "
+                f"images, not one batch of {others} per rank; set data.labelled_per_batch="
                 f"{self.batch_size} to train on the labelled images alone"
+            )
+        if not self.batches_per_epoch():
+            raise IncompatibleConfigError(
+                f"data.labelled_per_batch={labelled_per_batch} = data.batch_size: the {len(self.labelled)} "
+                f"labelled images do not fill one batch per rank ({num_replicas}); lower "
+                "data.labelled_per_batch or data.batch_size"
             )
 
     def batches_per_epoch(self) -> int:
