@@ -36,6 +36,9 @@ from ssl.composite import head_optim_settings, objective_weights, resolve_optimi
 from ssl.config import CONFIG_DIR
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.datasets import build_dataset
+from ssl.data.labelled_split import SPLIT_FILE, dataset_labels, write_split
+from ssl.data.mixed_labels import labelled_pretrain_set
+from ssl.errors import IncompatibleConfigError
 from ssl.export import export_backbone
 from ssl.module import SSLModule
 from ssl.objectives import OBJECTIVES, build_objective
@@ -158,6 +161,33 @@ def resolve_num_samples(cfg: DictConfig, num_samples: int | None) -> None:
             obj_cfg.num_samples = int(num_samples)
 
 
+def resolve_num_classes(cfg: DictConfig, dataset: Dataset) -> None:
+    """objective.<name>.num_classes=null (dataset.num_classes unset, e.g. imagefolder): the
+    pretraining set's class count (its class folders), written into the config."""
+    count = getattr(dataset, "num_classes", None)
+    for obj_cfg in cfg.objective.values():
+        if "num_classes" in obj_cfg and obj_cfg.num_classes is None and count:
+            obj_cfg.num_classes = int(count)
+
+
+def check_labels(cfg: DictConfig, dataset: Dataset) -> None:
+    """An objective that reads labels (supervised) needs labelled images in the pretraining set."""
+    needing = [name for name in cfg.objective if name in OBJECTIVES and OBJECTIVES[name].needs_labels]
+    if not needing:
+        return
+    try:
+        labelled = int((dataset_labels(dataset) >= 0).sum())
+    except ValueError:
+        labelled = 0
+    if not labelled:
+        raise IncompatibleConfigError(
+            f"objective {', '.join(needing)} needs labelled images, and the pretraining set of "
+            f"{cfg.dataset.name} has none (an unlabelled split, or a flat folder): use a labelled dataset "
+            "(imagefolder: class sub-folders in dataset.root, more images in dataset.unlabelled_root), "
+            "or leave the objective out"
+        )
+
+
 def resolve_sync_batchnorm(trainer_cfg: DictConfig, objectives: Any) -> bool:
     """trainer.sync_batchnorm=null: the recipe's choice (CoKe converts the model to SyncBN) on GPUs.
 
@@ -227,6 +257,7 @@ def build_datamodule(
         cfg.dataset, views, cfg.data.batch_size, cfg.data.num_workers, dataset=dataset, maskers=maskers,
         seed=cfg.seed, augment_on=cfg.data.get("augment_on", "cpu"),
         prefetch_factor=cfg.data.get("prefetch_factor", 2), crop_on=cfg.data.get("crop_on", "worker"),
+        labelled_per_batch=cfg.data.get("labelled_per_batch"),
     )
 
 
@@ -245,6 +276,10 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     run_dir = Path(cfg.run_dir)
     check_backbone_name(cfg.backbone.name)
     dataset = build_dataset(cfg.dataset, "pretrain")  # fails now, with advice, if data is missing
+    # dataset.labelled_*: labels of the chosen subset only (as recorded, when the run resumes).
+    dataset, split = labelled_pretrain_set(cfg.dataset, dataset, cfg.seed, run_dir)
+    check_labels(cfg, dataset)
+    resolve_num_classes(cfg, dataset)
     pl.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, num_samples=len(dataset))
     sharded = uses_block_sharding(cfg.trainer)
@@ -256,6 +291,8 @@ def prepare(cfg: DictConfig) -> PreparedRun:
         return PreparedRun(module, data, trainer=None, knn=None, finished=finished)
     # Only once every check has passed: a failed start leaves no run.
     resume = prepare_run_dir(run_dir, cfg)
+    if split is not None and not launched_as_worker_rank() and not (run_dir / SPLIT_FILE).exists():
+        write_split(str(run_dir / SPLIT_FILE), split, dataset_labels(dataset.dataset))
     knn = None
     eval_sets = OnlineKNN.labelled_eval_sets(cfg.dataset) if cfg.knn.enabled else None
     if eval_sets is not None:

@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from ssl.data.datasets import UnreadableImageError, build_dataset, next_readable
 from ssl.data.device_crops import CROP_ON, SOURCE, check_one_size
 from ssl.data.eval_transform import eval_transform
+from ssl.data.labelled_split import dataset_labels
+from ssl.data.mixed_batch_sampler import MixedBatchSampler
 from ssl.data.multicrop import MultiCropTransform
 from ssl.data.plain_crop import PlainCropTransform
 from ssl.data.pretrain_views import AUGMENT_ON, PretrainViews
@@ -114,7 +116,8 @@ class CleanLoader(DataLoader):
 def merge_view_specs(specs: list[ViewSpec]) -> ViewSpec:
     """The union of what several objectives need: the most crops of each kind any asks for.
 
-    Crops of one kind come from one pipeline, so the objectives sharing it must agree on its recipe.
+    Crops of one kind come from one pipeline, so the objectives sharing it must agree on its recipe;
+    one that takes any recipe (`any_crop_recipe`) follows the others.
     """
     recipes = {(s.plain_crop_scale, s.plain_color_jitter) for s in specs if s.plain_crops}
     if len(recipes) > 1:
@@ -123,7 +126,9 @@ def merge_view_specs(specs: list[ViewSpec]) -> ViewSpec:
             "set the same objective.<name>.crop_scale (and color_jitter) for all of them."
         )
     scale, jitter = recipes.pop() if recipes else (ViewSpec().plain_crop_scale, 0.0)
-    multicrop = {(s.crop_recipe, s.global_crop_scale, s.local_crop_scale) for s in specs if s.global_crops}
+    with_crops = [s for s in specs if s.global_crops]
+    particular = [s for s in with_crops if not s.any_crop_recipe] or with_crops
+    multicrop = {(s.crop_recipe, s.global_crop_scale, s.local_crop_scale) for s in particular}
     if len(multicrop) > 1:
         listed = ", ".join(sorted(f"({r.name}, {g}, {loc})" for r, g, loc in multicrop))
         raise IncompatibleConfigError(
@@ -213,11 +218,14 @@ class PretrainDataModule(pl.LightningDataModule):
         augment_on: str = "cpu",
         prefetch_factor: int = 2,
         crop_on: str = "worker",
+        labelled_per_batch: int | None = None,
     ) -> None:
         """`dataset`: the already built "pretrain" split, so a folder is not scanned twice.
 
         `maskers`: the objectives' per-batch mask generators (MAE token masks, MFM frequency
         masks), run in the collate step. `seed`: the sample order and augmentations of every epoch.
+        `labelled_per_batch` L: every batch holds L images with a label >= 0 (MixedBatchSampler);
+        None: the plain shuffle.
         """
         super().__init__()
         if int(batch_size) < 1:
@@ -247,6 +255,9 @@ class PretrainDataModule(pl.LightningDataModule):
             )
         self.crop_on = crop_on
         self.prefetch_factor = int(prefetch_factor)
+        self.labelled_per_batch = None if labelled_per_batch is None else int(labelled_per_batch)
+        if self.labelled_per_batch is not None and dataset is not None:
+            self.make_sampler(1, 0)  # bad settings fail now, not at the first batch
         self.views_transform = self.transform()  # built once: the workers' half and the device's
         mean, std = tuple(dataset_cfg.mean), tuple(dataset_cfg.std)
         self.device_augment = self.views_transform.device_augment(mean, std)
@@ -280,7 +291,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self.setup()
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        self.sampler = ResumableSampler(len(self.train_set), world, rank, seed=self.seed)
+        self.sampler = self.make_sampler(world, rank)
         if self.resume_position is not None:
             epoch, batches_done = self.resume_position
             self.sampler.resume_at(epoch, batches_done * self.batch_size)
@@ -298,6 +309,29 @@ class PretrainDataModule(pl.LightningDataModule):
             # Worker base seeds come from this generator, not the global RNG the training step uses,
             # so creating an iterator (again after a resume) leaves the step's randomness alone.
             generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def make_sampler(self, world: int, rank: int) -> ResumableSampler:
+        """This rank's sampler: the plain shuffle, or batches with `labelled_per_batch` labelled."""
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if self.labelled_per_batch is None:
+            return ResumableSampler(size, world, rank, seed=self.seed)
+        try:
+            labels = dataset_labels(self.dataset)
+        except ValueError as error:
+            raise IncompatibleConfigError(
+                f"data.labelled_per_batch={self.labelled_per_batch}: {error}; "
+                "set data.labelled_per_batch=null"
+            ) from error
+        labelled = np.flatnonzero(labels >= 0)
+        if not len(labelled):
+            raise IncompatibleConfigError(
+                f"data.labelled_per_batch={self.labelled_per_batch}, but the pretraining set has no "
+                "labelled image: use a labelled dataset (class folders for imagefolder) or set "
+                "data.labelled_per_batch=null"
+            )
+        return MixedBatchSampler(
+            labelled, size, self.batch_size, self.labelled_per_batch, world, rank, seed=self.seed
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -18,6 +18,8 @@ from omegaconf.errors import MissingMandatoryValue
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ssl.data.mixed_labels import WithUnlabelled
+
 SPLITS = ("pretrain", "train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
@@ -425,16 +427,18 @@ class ImageFolderDataset(Dataset):
     - a flat folder, or image files next to sub-folders -> unlabeled (label -1), recursive.
     Unlike torchvision's ImageFolder, a plain folder of images is accepted (for pretraining).
     `classes` fixes the class -> index map (so a test folder matches its train folder).
+    `unlabelled=True` reads every image below `root` with label -1, sub-folders or not (a pool
+    of images without labels, `dataset.unlabelled_root`).
     """
 
-    def __init__(self, root: str, classes: Sequence[str] | None = None) -> None:
+    def __init__(self, root: str, classes: Sequence[str] | None = None, unlabelled: bool = False) -> None:
         self.root = os.path.expanduser(str(root))
         if not os.path.isdir(self.root):
             raise DatasetNotFoundError(
                 f"Image folder {os.path.abspath(self.root)} does not exist (or is not a directory);"
                 f" set dataset.root (or dataset.test_root) to a folder of images."
             )
-        own_classes = folder_classes(self.root)
+        own_classes = None if unlabelled else folder_classes(self.root)
         self.samples: list[tuple[str, int]]
         if own_classes is None:
             self.classes: list[str] = []
@@ -488,9 +492,16 @@ class ImageFolderDataset(Dataset):
 
 
 def build_imagefolder(cfg: Any, split: str) -> Dataset:
-    """`dataset.root` for pretrain/train; `dataset.test_root` (same layout) for test."""
+    """`dataset.root` for pretrain/train; `dataset.test_root` (same layout) for test.
+
+    pretrain with `dataset.unlabelled_root`: the root's images, then that pool's (label -1).
+    """
     if split != "test":
-        return ImageFolderDataset(_require_root(cfg, "imagefolder"))
+        dataset = ImageFolderDataset(_require_root(cfg, "imagefolder"))
+        pool = _root(cfg, "unlabelled_root")
+        if split == "pretrain" and pool is not None:
+            return WithUnlabelled(dataset, ImageFolderDataset(pool, unlabelled=True))
+        return dataset
     test_root = _root(cfg, "test_root")
     if test_root is None:
         raise DatasetNotFoundError(

@@ -70,6 +70,9 @@ class ViewSpec:
     plain_crops: RandomResizedCrop(scale=plain_crop_scale) + flip, the masked-image-modeling
     recipe, at the dataset's image size, in `batch[PLAIN_VIEWS]`; `plain_color_jitter` j > 0
     puts ColorJitter(j, j, j) first.
+    any_crop_recipe: the objective reads global crops but has no recipe of its own (a classifier
+    on the first global crop): beside another objective's global crops it takes their recipe and
+    scales; alone, its own (the defaults).
     """
 
     global_crops: int = 0
@@ -80,6 +83,7 @@ class ViewSpec:
     crop_recipe: CropRecipe = field(default_factory=CropRecipe)
     global_crop_scale: tuple[float, float] | None = None
     local_crop_scale: tuple[float, float] | None = None
+    any_crop_recipe: bool = False
 
     def __post_init__(self) -> None:
         # Lists from a config compare unequal to tuples: normalise so specs merge by value.

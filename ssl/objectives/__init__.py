@@ -1,7 +1,8 @@
 """Pretraining objectives and their registry.
 
 base.py holds the Objective protocol; each method is one file (dino.py, mae.py, mfm.py, data2vec.py,
-coke.py, with CoKe's clustering in coke_clustering.py) whose docstring opens with a runnable example.
+coke.py, with CoKe's clustering in coke_clustering.py; supervised.py for the labelled images of a
+mixed run) whose docstring opens with a runnable example.
 Settings are declared only in conf/objective/<name>.yaml; `recipe_settings` reads them outside Hydra.
 """
 
@@ -20,9 +21,10 @@ from ssl.objectives.data2vec import Data2Vec
 from ssl.objectives.dino import DINO
 from ssl.objectives.mae import MAE
 from ssl.objectives.mfm import MFM
+from ssl.objectives.supervised import Supervised
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    "dino": DINO, "data2vec": Data2Vec, "mae": MAE, "mfm": MFM, "coke": CoKe,
+    "dino": DINO, "data2vec": Data2Vec, "mae": MAE, "mfm": MFM, "coke": CoKe, "supervised": Supervised,
 }
 
 

@@ -86,6 +86,9 @@ class Objective(nn.Module):
 
     name: str = "objective"
     needs_teacher: bool = False
+    # Whether the loss reads batch[LABEL] (negative: unlabelled); ssl.pretrain then refuses a
+    # pretraining set without a labelled image.
+    needs_labels: bool = False
     # Stochastic depth of the official recipe, used when backbone.drop_path_rate is null (ViTs).
     recipe_drop_path_rate: float = 0.0
     # Whether the official recipe converts BatchNorm to SyncBatchNorm across GPUs

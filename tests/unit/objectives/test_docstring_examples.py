@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-OBJECTIVE_MODULES = ["dino", "mae", "mfm", "data2vec", "coke"]
+OBJECTIVE_MODULES = ["dino", "mae", "mfm", "data2vec", "coke", "supervised"]
 
 
 @pytest.mark.parametrize("name", OBJECTIVE_MODULES)
