@@ -42,6 +42,15 @@ def features_line(results: Mapping[str, Any]) -> str:
     )
 
 
+def labelled_line(record: Mapping[str, Any] | None) -> str | None:
+    """`labelled subset: labelled_fraction=0.01, seed 0: 600 of 60000 train images` (None: all of train)."""
+    if not record:
+        return None
+    how = ", ".join(f"{k}={v}" if k != "seed" else f"seed {v}" for k, v in record.items()
+                    if k in ("labelled_fraction", "labelled_per_class", "labelled_file", "seed"))
+    return f"  labelled subset: {how}: {record['num_labelled']} of {record['drawn_from']} train images"
+
+
 def run_command(
     name: str,
     cfg: DictConfig,

@@ -22,20 +22,23 @@ def any_rank(flag: bool, device: torch.device | str) -> bool:
 
 
 @torch.no_grad()
-def extract_parts(
+def extract_indexed_parts(
     encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     loader: Iterable,
     device: torch.device | str = "cpu",
     gather: bool = True,
     progress: str | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """{part: [N, D_part]} and labels [N] for every (image, label) batch of `loader`, one pass.
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """{part: [N, D_part]}, labels [N] and dataset indices [N] for every batch of `loader`, one pass.
 
-    Under DDP each rank sees a disjoint shard; with `gather` the shards are concatenated on every
-    rank (features and labels in the same order). `progress`: a tqdm description (shown on a TTY).
+    The indices (each batch's "index", None when a batch has none) say which image each row is:
+    unreadable images are left out, so row i is not always image i, and a labelled subset is
+    picked from cached features by index. Under DDP each rank sees a disjoint shard; with
+    `gather` the shards are concatenated on every rank (features, labels and indices in the same
+    order). `progress`: a tqdm description (shown on a TTY).
     """
     parts: dict[str, list[torch.Tensor]] = {}
-    labels = []
+    labels, indices = [], []
     batches = loader
     if progress:
         from tqdm import tqdm
@@ -58,11 +61,31 @@ def extract_parts(
         for name, value in encode(images).items():
             parts.setdefault(name, []).append(value.float())
         labels.append(targets.to(device))
+        index = batch.get("index") if isinstance(batch, dict) else None
+        indices.append(None if index is None else torch.as_tensor(index).to(device))
     out = {name: torch.cat(values) for name, values in parts.items()}
     targets = torch.cat(labels)
+    rows = torch.cat(indices) if indices and all(i is not None for i in indices) else None
     if gather:
         out = {name: all_gather_cat(value) for name, value in out.items()}
         targets = all_gather_cat(targets)
+        rows = all_gather_cat(rows) if rows is not None else None
+    return out, targets, rows
+
+
+@torch.no_grad()
+def extract_parts(
+    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    loader: Iterable,
+    device: torch.device | str = "cpu",
+    gather: bool = True,
+    progress: str | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """{part: [N, D_part]} and labels [N] for every (image, label) batch of `loader`, one pass.
+
+    `extract_indexed_parts` without the indices.
+    """
+    out, targets, _ = extract_indexed_parts(encode, loader, device, gather, progress)
     return out, targets
 
 

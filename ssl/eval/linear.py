@@ -7,6 +7,8 @@ a grid of learning rates x weight decays are trained on them; the combination wi
 top-1 on a held-out 10% of the train split is retrained on all of it and scored on the test
 split (ssl/eval/linear_probe.py). `probe.protocol=dino`: DINO's augmented-crop SGD protocol
 (ssl/eval/augmented_linear_probe.py), which any objective's encoder can be probed with.
+`labelled_fraction` / `labelled_per_class` / `labelled_file`: either protocol trains on a seeded
+per-class subset of train only (ssl/eval/labelled.py); the test split stays whole.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig
+from torch.utils.data import Subset
 
 from ssl.config import CONFIG_DIR
 from ssl.eval.augmented_linear_probe import dino_linear_protocol
-from ssl.eval.cli import feature_stats, features_line, run_command
+from ssl.eval.cli import feature_stats, features_line, labelled_line, run_command
 from ssl.eval.encoder import eval_device, labelled_features, labelled_splits, resolve_encoder
 from ssl.eval.feature_parts import assemble, part_encoder, parts_of, primary_part, resolve_variants
+from ssl.eval.labelled import labelled_train_split
 from ssl.eval.linear_probe import linear_probe_variants
 
 PROTOCOLS = ("fast", "dino")
@@ -62,6 +66,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **result.to_dict(),
         **feature_stats(feats),
         "probe_seconds": round(time.perf_counter() - start, 2),
+        "labelled": feats.labelled,
     }
 
 
@@ -78,24 +83,32 @@ def evaluate_dino_protocol(cfg: DictConfig, encoder_info: tuple) -> dict[str, An
     parts = part_encoder(encoder, parts_of([variant]))
     splits = labelled_splits(dataset_cfg, "a linear probe")
     train_data, test_data = splits["train"], splits["test"]
+    num_classes = int(train_data.num_classes)  # the built dataset knows (imagefolder: its folders)
+    subset, labelled = labelled_train_split(cfg, train_data)
+    max_train_samples = cfg.max_train_samples
+    if subset is not None:  # drawn from the max_train_samples pool already
+        train_data, max_train_samples = Subset(train_data, subset.indices.tolist()), None
     start = time.perf_counter()
     result = dino_linear_protocol(
         lambda images: assemble(parts(images), variant), train_data, test_data, dataset_cfg,
-        num_classes=int(dataset_cfg.num_classes), epochs=settings.epochs, lr=settings.lr,
+        num_classes=num_classes, epochs=settings.epochs, lr=settings.lr,
         batch_size=settings.batch_size, momentum=cfg.probe.momentum, weight_decay=settings.weight_decay,
-        num_workers=cfg.num_workers, device=device, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
+        num_workers=cfg.num_workers, device=device, seed=cfg.seed, max_train_samples=max_train_samples,
     )
     return {"evaluated": what, "dataset": dataset_cfg.name, "variant": variant, **result,
-            "test_size": len(test_data), "probe_seconds": round(time.perf_counter() - start, 2)}
+            "test_size": len(test_data), "probe_seconds": round(time.perf_counter() - start, 2),
+            "labelled": labelled}
 
 
 def summary(r: dict[str, Any]) -> str:
     """What was probed, on how much data, which config won, and its test accuracy."""
+    labelled = labelled_line(r.get("labelled"))
+    labelled = f"\n{labelled}" if labelled else ""
     if r["protocol"] == "dino":
         return (
             f"linear probe (DINO protocol: augmented crops, SGD, {r['epochs']} epochs) on {r['dataset']} "
             f"({r['evaluated']}, {r['variant']} {r['feature_dim']}-d), {r['train_size']} train / "
-            f"{r['test_size']} test images\n  top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%"
+            f"{r['test_size']} test images\n  top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%{labelled}"
         )
     retrained = ", retrained on all of train" if r["retrained"] else ""
     variants = ", ".join(f"{name} {acc:.2f}%" for name, acc in r["variants"].items())
@@ -107,7 +120,7 @@ def summary(r: dict[str, Any]) -> str:
         f"val top-1 {r['val_top1']:.2f}% (best of {len(r['grid'])} configs, "
         f"{r['epochs']} epochs{retrained})\n"
         f"  top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%\n"
-        f"{features_line(r)}; probe {r['probe_seconds']:.1f} s"
+        f"{features_line(r)}; probe {r['probe_seconds']:.1f} s{labelled}"
     )
 
 
