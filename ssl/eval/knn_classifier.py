@@ -55,7 +55,7 @@ def knn_grid_scores(
     """
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
-    ks = [min(int(k), train.shape[0]) for k in ks]
+    ks = list(dict.fromkeys(min(int(k), train.shape[0]) for k in ks))  # k beyond the bank: scored once
     widest = max(ks)
     scores: dict[tuple[int, float], list[torch.Tensor]] = {(k, t): [] for k in ks for t in temperatures}
     for start in range(0, test.shape[0], chunk_size):

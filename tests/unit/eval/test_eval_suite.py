@@ -73,6 +73,15 @@ def test_knn_grid_equals_one_knn_per_pair() -> None:
         assert torch.allclose(scores, knn_predict_scores(train, labels, test, 5, k, t), rtol=1e-5, atol=1e-6)
 
 
+def test_knn_grid_scores_each_k_beyond_a_small_bank_once() -> None:
+    generator = torch.Generator().manual_seed(0)
+    train, test = torch.randn(12, 4, generator=generator), torch.randn(7, 4, generator=generator)
+    labels = torch.arange(12) % 3
+    grid = knn_grid_scores(train, labels, test, 3, ks=(10, 20, 100), temperatures=(0.07,))
+    assert set(grid) == {(10, 0.07), (12, 0.07)}
+    assert all(scores.shape == (7, 3) for scores in grid.values())
+
+
 def test_variant_sweep_picks_the_informative_features() -> None:
     generator = torch.Generator().manual_seed(0)
     y_train = torch.randint(0, 3, (600,), generator=generator)
