@@ -10,4 +10,7 @@ eval_transform.py  the deterministic evaluation transform
 masking.py         token / block masks;  frequency.py: FFT masks (both BatchMaskers)
 device_augment.py  the photometric half in batch on the device; device_crops.py: crops there
 datamodule.py      the Lightning data module, the collate step, clean evaluation loaders
+resumable_sampler.py  the seeded, resumable shuffle;  mixed_batch_sampler.py: L labelled per batch
+labelled_split.py  which images keep their label (seeded, per class, recorded)
+mixed_labels.py    a mixed run's pretraining set: labels of the split only, a folder's unlabelled pool
 """

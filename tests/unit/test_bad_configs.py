@@ -26,6 +26,9 @@ pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs da
     (["objective=coke", "backbone=resnet18", "objective.coke.num_clusters=[70000]"],
      "number of training images (60000)"),
     (["objective=dino", "backbone=resnet18", "trainer.strategy=fsdp"], "use trainer.strategy=ddp"),
+    (["objective=[dino,supervised]", "backbone=vit_t", "dataset.labelled_fraction=0.01",
+      "data.batch_size=16", "data.labelled_per_batch=20"],
+     "data.labelled_per_batch=20 with data.batch_size=16"),
 ])
 def test_bad_config_exits_2_with_advice_and_no_run(
     tmp_path: Path, overrides: list[str], message: str
