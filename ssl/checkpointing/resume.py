@@ -46,13 +46,19 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """`key: old -> new` for every leaf that differs between two plain (resolved) configs."""
+    """`key: old -> new` for every leaf that differs between two plain (resolved) configs.
+
+    A key absent on one side and null on the other is no difference: a setting added to the
+    config after a run started, at its off value, must not stop that run from resuming.
+    """
     if isinstance(old, dict) and isinstance(new, dict):
         lines: list[str] = []
         for key in sorted(set(old) | set(new), key=str):
             if not prefix and key in IGNORED_KEYS:
                 continue
             name = f"{prefix}{key}"
+            if (key not in old and new[key] is None) or (key not in new and old[key] is None):
+                continue
             if key not in old:
                 lines.append(f"{name}: (absent) -> {new[key]!r}")
             elif key not in new:

@@ -181,6 +181,11 @@ def test_config_differences_names_each_changed_leaf_and_ignores_resume() -> None
     expected = ["a: 1 -> (absent)", "b: (absent) -> 2", "optimizer.lr: 1.0 -> 2.0"]
     assert config_differences(old, new) == expected
     assert config_differences(old, {**old, "resume": "y"}) == []
+    # a setting added since the run started, at its off value (null), is no difference
+    added = {**old, "optimizer": {**old["optimizer"], "labelled_per_batch": None}}
+    assert config_differences(old, added) == [] and config_differences(added, old) == []
+    added["optimizer"]["labelled_per_batch"] = 4
+    assert config_differences(old, added) == ["optimizer.labelled_per_batch: (absent) -> 4"]
 
 
 def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path: Path) -> None:
