@@ -108,14 +108,22 @@ def choose_labelled(
     return LabelledSplit(indices, how)
 
 
+def split_indices(record: dict) -> list[int]:
+    """The "indices" of a split record, or of the "labelled" record inside an evaluation result."""
+    if "indices" not in record and isinstance(record.get("labelled"), dict):
+        record = record["labelled"]
+    return record["indices"]
+
+
 def read_split_file(path: str, size: int, prefix: str = "dataset.") -> np.ndarray:
-    """Indices from a `labelled_split.json` (its "indices") or a text file, checked against `size`."""
+    """Indices from a `labelled_split.json` (its "indices"), an ssl.eval result JSON (its
+    "labelled" record), or a text file of one index per line; checked against `size`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{prefix}labelled_file={path} does not exist")
     with open(path) as f:
         text = f.read()
     try:
-        values = json.loads(text)["indices"] if path.endswith(".json") else [
+        values = split_indices(json.loads(text)) if path.endswith(".json") else [
             int(line) for line in text.split() if line.strip()
         ]
     except (KeyError, TypeError, ValueError) as error:

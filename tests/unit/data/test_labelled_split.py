@@ -49,6 +49,9 @@ def test_written_split_reads_back_as_a_file(tmp_path: Path) -> None:
     text = tmp_path / "few.txt"
     text.write_text("\n".join(str(i) for i in split.indices[::-1]) + "\n")
     assert np.array_equal(choose_labelled(LABELS, file=str(text)).indices, split.indices)
+    result = tmp_path / "last.knn.json"  # an ssl.eval result records its subset under "labelled"
+    result.write_text(json.dumps({"top1": 50.0, "labelled": record}))
+    assert np.array_equal(choose_labelled(LABELS, file=str(result)).indices, split.indices)
 
 
 def test_labels_of_a_subset_are_its_own() -> None:
