@@ -58,6 +58,13 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def short_name(reference: str, width: int = 48) -> str:
+    """A reference's name that fits a panel title: a long checkpoint path keeps its last parts."""
+    if len(reference) <= width:
+        return reference
+    return "..." + reference[-(width - 3):]
+
+
 def mark_default(ax: Any, default: float | Sequence[float] | None) -> None:
     if default is None:
         return
@@ -87,7 +94,7 @@ def plot(path: Path, results: Mapping[str, Any]) -> Path:
         mark_default(left, results.get("default"))
         left.set_ylabel("%")
         left.set_ylim(0, 100)
-        left.set_title(f"{ref['reference']}: label information", fontsize=10)
+        left.set_title(f"{short_name(ref['reference'])}: label information", fontsize=10)
         for key, label in CONSISTENCY_CURVES:
             right.plot(x, [row[key] for row in ref["rows"]], marker="o", label=label)
         right.axhline(ref["clean"]["cos_same_class"], color="tab:green", linestyle="--",
@@ -96,7 +103,7 @@ def plot(path: Path, results: Mapping[str, Any]) -> Path:
                       label="clean, different class")
         mark_default(right, results.get("default"))
         right.set_ylabel("cosine")
-        right.set_title(f"{ref['reference']}: view consistency", fontsize=10)
+        right.set_title(f"{short_name(ref['reference'])}: view consistency", fontsize=10)
         for ax in (left, right):
             ax.set_xlabel(results["knob"])
             ax.grid(alpha=0.3)
