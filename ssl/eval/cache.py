@@ -33,7 +33,8 @@ def encoder_identity(cfg: DictConfig) -> dict[str, Any]:
         return {"kind": "file", "path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                 "weights": cfg.weights}
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True) if cfg.get("backbone") else None
-    return {"kind": "random_init", "backbone": backbone, "seed": cfg.seed}
+    # "init": entries written before the init was seeded at build time hold another draw's features.
+    return {"kind": "random_init", "backbone": backbone, "seed": cfg.seed, "init": "seeded"}
 
 
 def dataset_identity(dataset_cfg: DictConfig) -> dict[str, Any]:

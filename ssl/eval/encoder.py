@@ -71,11 +71,23 @@ def resolve_backbone(cfg: DictConfig) -> tuple[Backbone, DictConfig, str]:
     if cfg.get("backbone") is not None:
         if dataset_cfg is None:
             raise ValueError("a random-init baseline needs a dataset: add dataset=<name>")
-        return build_backbone(cfg.backbone), dataset_cfg, f"{cfg.backbone.name} at random init"
+        return seeded_random_init(cfg.backbone, cfg.seed), dataset_cfg, f"{cfg.backbone.name} at random init"
     raise ValueError(
         "nothing to evaluate: pass checkpoint=<.ckpt or .safetensors> or backbone=<name> "
         "(random-init baseline)"
     )
+
+
+def seeded_random_init(backbone_cfg: DictConfig, seed: int) -> Backbone:
+    """`backbone_cfg` at the random init `seed` draws, whatever the RNG went through before.
+
+    The feature cache names a random-init encoder by (backbone, seed); building it under its own
+    seeded RNG keeps that name true, so cached train features and freshly encoded test images come
+    from the same weights. The caller's RNG stream is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_backbone(backbone_cfg)
 
 
 @dataclass

@@ -155,6 +155,35 @@ def test_features_are_extracted_once_then_read_from_the_cache(tmp_path: Path) ->
     assert set(other_seed.cached.values()) == {"miss"}  # another random init is another encoder
 
 
+def test_random_init_depends_on_the_seed_only_and_leaves_the_rng_alone() -> None:
+    from ssl.eval.encoder import seeded_random_init
+
+    spec = OmegaConf.create({"name": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4,
+                             "drop_path_rate": None, "kwargs": {"depth": 1}})
+    first = seeded_random_init(spec, 3).state_dict()
+    torch.rand(1000)  # whatever ran before (building an objective, another reference) draws from the RNG
+    state = torch.random.get_rng_state()
+    again = seeded_random_init(spec, 3).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = seeded_random_init(spec, 4).state_dict()
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+@fashion
+def test_a_cached_random_init_bank_matches_the_encoder_built_later(tmp_path: Path) -> None:
+    """The degradation analysis builds its untrained reference after other RNG use, then reads the
+    train bank from the cache: both must be the same weights (they once were not: k-NN at chance)."""
+    from ssl.eval.encoder import labelled_features, resolve_encoder
+
+    cfg = eval_cfg(tmp_path)
+    cached = labelled_features(cfg, "test", parts=["cls"])
+    torch.rand(1000)
+    fresh_cfg = eval_cfg(tmp_path, cache=False)
+    fresh = labelled_features(fresh_cfg, "test", parts=["cls"], encoder_info=resolve_encoder(fresh_cfg))
+    assert torch.allclose(cached.train_x, fresh.train_x, atol=1e-5)
+
+
 @fashion
 def test_dino_protocol_runs_on_augmented_crops(tmp_path: Path) -> None:
     from ssl.eval.linear import evaluate
