@@ -112,6 +112,25 @@ class ViTBackbone(Backbone):
                 outputs.append(x[:, n_prefix:])
         return m.norm(x), outputs
 
+    def block_ffn_outputs(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Each block's FFN branch output *before* its residual add, prefix tokens removed.
+
+        data2vec 2.0's targets (`end_of_block_targets: false`): the blocks run as timm's `Block`
+        does (x += attn branch; f = FFN branch; x += f) and f is kept. Needs that pre-norm layout.
+        """
+        m = self.model
+        x = m.norm_pre(m.pos_drop(tokens))
+        outputs = []
+        for block in m.blocks:
+            parts = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+            if not all(hasattr(block, p) for p in parts):
+                raise TypeError(f"{type(block).__name__} is not timm's pre-norm Block: no FFN output to take")
+            x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+            ffn = block.ls2(block.mlp(block.norm2(x)))
+            x = x + block.drop_path2(ffn)
+            outputs.append(ffn[:, m.num_prefix_tokens :])
+        return outputs
+
     def forward_features(
         self, images: torch.Tensor, return_blocks: bool = False
     ) -> BackboneFeatures:

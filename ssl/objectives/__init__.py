@@ -1,8 +1,8 @@
 """Pretraining objectives and their registry.
 
 base.py holds the Objective protocol; each method is one file (dino.py, mae.py, mfm.py, data2vec.py,
-coke.py, with CoKe's clustering in coke_clustering.py; supervised.py for the labelled images of a
-mixed run) whose docstring opens with a runnable example.
+data2vec2.py, coke.py, with CoKe's clustering in coke_clustering.py; supervised.py for the labelled
+images of a mixed run) whose docstring opens with a runnable example.
 Settings are declared only in conf/objective/<name>.yaml; `recipe_settings` reads them outside Hydra.
 """
 
@@ -18,13 +18,15 @@ from ssl.config import CONFIG_DIR
 from ssl.objectives.base import COMPOSITE_KEYS, Objective
 from ssl.objectives.coke import CoKe
 from ssl.objectives.data2vec import Data2Vec
+from ssl.objectives.data2vec2 import Data2Vec2
 from ssl.objectives.dino import DINO
 from ssl.objectives.mae import MAE
 from ssl.objectives.mfm import MFM
 from ssl.objectives.supervised import Supervised
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    "dino": DINO, "data2vec": Data2Vec, "mae": MAE, "mfm": MFM, "coke": CoKe, "supervised": Supervised,
+    "dino": DINO, "data2vec": Data2Vec, "data2vec2": Data2Vec2, "mae": MAE, "mfm": MFM, "coke": CoKe,
+    "supervised": Supervised,
 }
 
 

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-OBJECTIVE_MODULES = ["dino", "mae", "mfm", "data2vec", "coke", "supervised"]
+OBJECTIVE_MODULES = ["dino", "mae", "mfm", "data2vec", "data2vec2", "coke", "supervised"]
 
 
 @pytest.mark.parametrize("name", OBJECTIVE_MODULES)
