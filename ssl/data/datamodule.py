@@ -19,7 +19,10 @@ from ssl.data.multicrop import MultiCropTransform
 from ssl.data.plain_crop import PlainCropTransform
 from ssl.data.pretrain_views import AUGMENT_ON, PretrainViews
 from ssl.data.resumable_sampler import ResumableSampler
+from ssl.data.shard_stream import is_stream_source
 from ssl.data.spec import INDEX, BatchMasker, ViewSpec
+from ssl.data.stream_feed import StreamFeed
+from ssl.data.worker_signals import ignore_interrupt
 from ssl.errors import IncompatibleConfigError
 
 SEED_KEY = "_sample_seed"  # travels from a seeded sample to the collate step, never into the batch
@@ -256,6 +259,11 @@ class PretrainDataModule(pl.LightningDataModule):
         self.crop_on = crop_on
         self.prefetch_factor = int(prefetch_factor)
         self.labelled_per_batch = None if labelled_per_batch is None else int(labelled_per_batch)
+        if self.labelled_per_batch is not None and is_stream_source(dataset):
+            raise IncompatibleConfigError(
+                f"data.labelled_per_batch={labelled_per_batch} needs a dataset read by index, not a shard "
+                "stream: set data.labelled_per_batch=null (labelled samples then come at their natural rate)."
+            )
         if self.labelled_per_batch is not None and dataset is not None:
             self.make_sampler(1, 0)  # bad settings fail now, not at the first batch
         self.views_transform = self.transform()  # built once: the workers' half and the device's
@@ -264,6 +272,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.sampler: ResumableSampler | None = None
         self.resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+        self.feed: StreamFeed | None = None  # set when the pretraining set is a shard stream
 
     def transform(self) -> PretrainViews:
         cfg, views = self.dataset_cfg, self.views
@@ -286,11 +295,16 @@ class PretrainDataModule(pl.LightningDataModule):
             if self.dataset is None:
                 self.dataset = build_dataset(self.dataset_cfg, "pretrain")
             self.train_set = TransformedDataset(self.dataset, self.views_transform, None)
+            if is_stream_source(self.dataset) and self.feed is None:  # read in order, not by index
+                self.feed = StreamFeed(self.dataset, self.dataset_cfg, self.views_transform, self.collate,
+                                       self.batch_size, self.num_workers, self.seed, self.prefetch_factor)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if self.feed is not None:
+            return self.feed.loader(world, rank, lambda: self.trainer.current_epoch if self.trainer else 0)
         self.sampler = self.make_sampler(world, rank)
         if self.resume_position is not None:
             epoch, batches_done = self.resume_position
@@ -309,6 +323,7 @@ class PretrainDataModule(pl.LightningDataModule):
             # Worker base seeds come from this generator, not the global RNG the training step uses,
             # so creating an iterator (again after a resume) leaves the step's randomness alone.
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=ignore_interrupt,
         )
 
     def make_sampler(self, world: int, rank: int) -> ResumableSampler:
@@ -336,6 +351,8 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """augment_on=device: finish the uint8 crops on the device Lightning just moved them to."""
+        if self.feed is not None:
+            self.feed.observe(batch)  # the reader position of a batch the step takes now
         if self.device_augment is not None and isinstance(batch, dict):
             batch = self.device_augment(batch)
         return batch
@@ -343,18 +360,25 @@ class PretrainDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Where training stands in the sample order: saved in every checkpoint."""
         trainer = self.trainer
-        if trainer is None or self.sampler is None:
+        if trainer is None or (self.sampler is None and (self.feed is None or self.feed.plan is None)):
             return {}
         done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
         epoch = int(trainer.current_epoch)
         if done >= trainer.num_training_batches:  # the epoch is over: the next one starts at 0
             epoch, done = epoch + 1, 0
-        return {"epoch": epoch, "batches_done": done, "batch_size": int(self.batch_size)}
+        state = {"epoch": epoch, "batches_done": done, "batch_size": int(self.batch_size)}
+        if self.feed is not None:
+            state["stream"] = self.feed.state()  # every rank's reader positions
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The next train loader continues the saved epoch's permutation after its done batches."""
         if state:
             self.resume_position = (int(state["epoch"]), int(state["batches_done"]))
+            if "stream" in state:
+                self.setup()
+                if self.feed is not None:
+                    self.feed.load(state["stream"], *self.resume_position)
 
 
 def evenly_spaced_images(
@@ -396,4 +420,4 @@ def clean_loader(
     rank, world = shard
     subset = torch.utils.data.Subset(data, indices[rank::world])
     return CleanLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                       collate_fn=collate_readable)
+                       collate_fn=collate_readable, worker_init_fn=ignore_interrupt)

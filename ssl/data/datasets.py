@@ -534,6 +534,20 @@ def build_imagenet(cfg: Any, split: str) -> Dataset:
     return dataset
 
 
+def _build_webdataset(cfg: Any, split: str) -> Dataset:
+    """Tar shards in webdataset layout (`dataset.urls`), streamed for pretraining (ssl/data/shards.py)."""
+    from ssl.data.shards import build_webdataset
+
+    return build_webdataset(cfg, split)  # type: ignore[return-value]
+
+
+def _build_hf(cfg: Any, split: str) -> Dataset:
+    """A Hugging Face `datasets` set (`dataset.name` on the Hub or a local path; ssl/data/hf_dataset.py)."""
+    from ssl.data.hf_dataset import build_hf
+
+    return build_hf(cfg, split)
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
@@ -545,6 +559,8 @@ DATASETS: dict[str, Callable[[Any, str], Dataset]] = {
     "stl10": build_stl10,
     "imagenet": build_imagenet,
     "imagefolder": build_imagefolder,
+    "webdataset": _build_webdataset,
+    "hf": _build_hf,
 }
 
 
@@ -552,11 +568,12 @@ def build_dataset(cfg: Any, split: str) -> Dataset:
     """The raw `(PIL RGB image, label)` dataset named by `cfg.name` for `split`.
 
     `split` is "pretrain" (what self-supervised training reads; may be unlabeled), "train"
-    (labelled data for k-NN / linear probes) or "test".
+    (labelled data for k-NN / linear probes) or "test". `cfg.builder`, when set, names the
+    builder instead (dataset=hf, where `name` is the Hugging Face dataset's own name).
     """
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    name = _cfg_get(cfg, "name")
+    name = _cfg_get(cfg, "builder") or _cfg_get(cfg, "name")
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](cfg, split)
