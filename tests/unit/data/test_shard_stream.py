@@ -237,7 +237,8 @@ def test_lightning_checkpoint_resumes_the_stream(tmp_path: Path) -> None:
     path = tmp_path / "step7.ckpt"
     first = Recorder()
     with pytest.raises(Killed):
-        trainer(tmp_path, max_epochs=2, callbacks=[SaveAt(7, path)]).fit(first, datamodule=module(cfg, workers=2))
+        killed = trainer(tmp_path, max_epochs=2, callbacks=[SaveAt(7, path)])
+        killed.fit(first, datamodule=module(cfg, workers=2))
     resumed = Recorder()
     trainer(tmp_path, max_epochs=2).fit(resumed, datamodule=module(cfg, workers=2), ckpt_path=str(path))
     assert first.seen[:7] + resumed.seen == whole.seen
