@@ -22,11 +22,13 @@ from torch.utils.data import Dataset
 from ssl.backbones.acceleration import compile_backbone, use_channels_last, wants_channels_last
 from ssl.backbones.factory import build_backbone, check_backbone_name, is_vit_name
 from ssl.callbacks.attention_maps import AttentionMaps
+from ssl.callbacks.graceful_stop import INTERRUPTED_EXIT_STATUS, GracefulStop, RunInterrupted
 from ssl.callbacks.online_knn import OnlineKNN
 from ssl.callbacks.online_linear import OnlineLinearProbe
 from ssl.callbacks.progress import LazyProgressBar
 from ssl.callbacks.reconstructions import ReconstructionGrid, can_reconstruct
 from ssl.callbacks.rng_state import RNGStateCheckpoint
+from ssl.callbacks.run_clock import RunClock
 from ssl.callbacks.skipped_images import SkippedImages
 from ssl.checkpointing.atomic_io import AtomicCheckpointIO
 from ssl.checkpointing.metrics_csv import csv_logger
@@ -51,6 +53,7 @@ from ssl.run_dir import (
     prepare_run_dir,
     recorded_config,
     redact_sweep_config,
+    resume_command,
     wandb_run_id,
     write_result,
 )
@@ -125,14 +128,17 @@ def build_trainer(
         trainer_args["precision"] = default_precision()
     if uses_block_sharding(cfg.trainer):
         trainer_args["strategy"] = BlockShardedStrategy()
+    log_every = trainer_args.get("log_every_n_steps") or 50
+    clock = RunClock()
     if trainer_args.get("enable_progress_bar") is not False and not trainer_args.get("barebones"):
         # Refreshed as often as the module reads the loss from the device (see LazyProgressBar).
-        callbacks = [LazyProgressBar(refresh_rate=trainer_args.get("log_every_n_steps") or 50), *callbacks]
+        callbacks = [LazyProgressBar(refresh_rate=log_every, clock=clock), *callbacks]
     return pl.Trainer(
         **trainer_args,
         default_root_dir=str(run_dir),
         logger=build_logger(cfg, run_dir, resume_step),
-        callbacks=[build_checkpointing(cfg, run_dir), RNGStateCheckpoint(), *callbacks],
+        callbacks=[build_checkpointing(cfg, run_dir), GracefulStop(run_dir / "checkpoints", log_every),
+                   RNGStateCheckpoint(), clock, *callbacks],
         plugins=[AtomicCheckpointIO()],
     )
 
@@ -323,6 +329,13 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     return PreparedRun(module, data, trainer, knn, resume)
 
 
+def command_overrides() -> list[str]:
+    """This run's command-line overrides (none when composed outside `python -m ssl.pretrain`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
     """Train, export the backbone, report the final k-NN; returns paths and numbers.
 
@@ -331,10 +344,14 @@ def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
     module, trainer, knn = prepared.module, prepared.trainer, prepared.knn
     assert trainer is not None
     resume = str(prepared.resume) if prepared.resume is not None else None
-    trainer.fit(module, datamodule=prepared.data, ckpt_path=resume)
     run_dir = Path(cfg.run_dir)
-    if trainer.interrupted:  # Ctrl-C: Lightning returns from fit; the checkpoints resume it
-        return {"run_dir": str(run_dir), "interrupted": True}
+    try:
+        trainer.fit(module, datamodule=prepared.data, ckpt_path=resume)
+    except RunInterrupted as stop:  # Ctrl-C (ssl/callbacks/graceful_stop.py)
+        if trainer.is_global_zero:
+            print(f"ssl.pretrain: stopped at step {stop.step} (Ctrl-C); checkpoint: {stop.checkpoint}. "
+                  f"Resume with: {resume_command(command_overrides(), run_dir)}", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT_STATUS)
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     if cfg.export.enabled:
         which = cfg.export.which
@@ -352,6 +369,7 @@ def fit(cfg: DictConfig, prepared: PreparedRun) -> dict[str, Any]:
               f"top-1 {knn.last['top1']:.2f}%  top-5 {knn.last['top5']:.2f}%")
     if trainer.is_global_zero:
         write_result(run_dir, result)
+        print(f"run directory: {run_dir}")
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssl.checkpointing.atomic_io import remove_partial_saves
 from ssl.checkpointing.resume import checkpoint_step, config_differences, latest_checkpoint
-from ssl.redaction import redact, redact_yaml_file
+from ssl.redaction import is_secret_name, redact, redact_yaml_file
 
 WANDB_ID_FILE = "wandb_run_id"
 RESULT_FILE = "result.json"  # written when a run has finished: its presence means "do not train again"
@@ -86,6 +87,22 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> Path | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(recorded_config(cfg)))
     return Path(cfg.resume) if cfg.get("resume") else None
+
+
+def resume_command(overrides: list[str], run_dir: Path) -> str:
+    """The command that continues the run in `run_dir`: its overrides, in its directory.
+
+    The same config in the same directory resumes from the newest checkpoint there (prepare_run_dir).
+    Secret values are left out of the printed line (pass them again, or through the environment).
+    """
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("hydra.run.dir=")
+            and not is_secret_name(o.partition("=")[0].lstrip("+~").rsplit(".", 1)[-1])]
+    where = Path(run_dir)
+    try:
+        where = where.resolve().relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return shlex.join(["python", "-m", "ssl.pretrain", *kept, f"hydra.run.dir={where}"])
 
 
 def finished_result(run_dir: Path, cfg: DictConfig) -> dict | None:
