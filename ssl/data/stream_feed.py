@@ -10,6 +10,7 @@ all ranks do together).
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,10 @@ from ssl.data.shard_stream import (
     resume_states,
 )
 from ssl.errors import IncompatibleConfigError
+
+# Lightning warns that an IterableDataset's length may be wrong with several workers; the readers
+# split the shards themselves and every rank yields exactly `len` batches, so it is not.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
 class StreamFeed:
