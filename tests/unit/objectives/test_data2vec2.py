@@ -114,8 +114,7 @@ def test_conv_decoder_matches_the_official_layer_by_hand() -> None:
     decoder = ConvDecoder2d(32, 32, layers=2, kernel=3, groups=16)
     tokens = torch.randn(2, 16, 32)
     x = tokens.transpose(1, 2).reshape(2, 32, 4, 4)
-    for block in decoder.blocks:
-        conv = block[0]
+    for conv in decoder.convs:
         assert conv.groups == 16 and conv.kernel_size == (3, 3)
         y = F.conv2d(x, conv.weight, conv.bias, padding=1, groups=16)
         y = F.layer_norm(y.permute(0, 2, 3, 1), (32,)).permute(0, 3, 1, 2)
