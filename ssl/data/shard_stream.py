@@ -396,6 +396,8 @@ def resume_states(saved: dict[str, Any], plan: StreamPlan, rank: int, epoch: int
     """This rank's reader states from a checkpoint's stream entry. When the saved split does not
     match this run's (other devices, workers, batch size or shards), each reader starts afresh
     with the batches it owes for the rest of the epoch (a warning says the samples differ)."""
+    if batches_done == 0:  # saved at an epoch's end: the next epoch starts its stream afresh
+        return {}
     order = reader_order([r.quota for r in plan.readers(epoch, rank)])
     expected = {w: order[:batches_done].count(w) for w in set(order[:batches_done])}
     counted_only = {w: {"batches": n} for w, n in expected.items()}

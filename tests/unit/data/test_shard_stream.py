@@ -181,6 +181,22 @@ def test_other_worker_count_restarts_the_stream_with_the_right_length(tmp_path: 
     assert "restarts its shard stream" in capsys.readouterr().err
 
 
+def test_an_epoch_end_checkpoint_starts_the_next_epoch_afresh(tmp_path: Path, capsys) -> None:
+    cfg = shard_config(write_shards(tmp_path, count=24, per_shard=6))
+    whole = module(cfg)
+    whole.setup()
+    loader = whole.train_dataloader()
+    take(whole, loader)
+    whole.trainer.current_epoch = 1
+    saved = checkpoint(whole, 1, 0)  # last.ckpt at the end of epoch 0
+    epoch1 = take(whole, loader)
+    resumed = module(cfg)
+    resumed.load_state_dict(saved)
+    resumed.trainer.current_epoch = 1
+    same_batches(take(resumed, resumed.train_dataloader()), epoch1)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_stream_refuses_labelled_batches_and_keeps_the_seed_key(tmp_path: Path) -> None:
     assert SEED_KEY == datamodule.SEED_KEY
     node = OmegaConf.create(shard_config(write_shards(tmp_path, count=10, per_shard=5)))
