@@ -44,6 +44,10 @@ OBJECTIVES = {
                             "objective.dino.local_crops=2", "data.augment_on=device"],
     # MAE: masks drawn in the collate step.
     "mae": ["objective=mae", "backbone=vit_t", "+backbone.kwargs.depth=2", "objective.mae.decoder_depth=1"],
+    # data2vec 2.0: inverse block masks x 2 clones from the collate step, decoder noise tokens from
+    # the global RNG inside the step, the linear EMA ramp.
+    "data2vec2": ["objective=data2vec2", "backbone=vit_t", "+backbone.kwargs.depth=2",
+                  "objective.data2vec2.clone_batch=2", "objective.data2vec2.decoder.layers=2"],
     # CoKe: label memory, centres and duals (objective state outside the optimizer).
     "coke": ["objective=coke", "backbone=resnet18", "objective.coke.num_clusters=[8,12]"],
 }
@@ -103,7 +107,7 @@ def max_abs_difference(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize(
     ("objective", "workers_a", "workers_b"),
-    [("dino", 0, 2), ("dino_device_augment", 2, 0), ("mae", 2, 0), ("coke", 0, 0)],
+    [("dino", 0, 2), ("dino_device_augment", 2, 0), ("mae", 2, 0), ("data2vec2", 0, 2), ("coke", 0, 0)],
 )
 def test_sigkill_mid_epoch_then_same_command_ends_bit_identical(
     tmp_path: Path, objective: str, workers_a: int, workers_b: int
