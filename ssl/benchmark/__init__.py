@@ -12,8 +12,8 @@ configured sizes isolate the model from the data pipeline, which is measured sep
 
 Masked image modeling (MAE, MFM) uses one plain crop per image; there the reference is a
 full-token forward + backward of the same encoder, so MAE's step / reference ratio shows what
-encoding only the visible tokens saves. For MAE the encoder alone on its visible tokens is timed
-too (`visible_encoder_s`).
+encoding only the visible tokens saves. For MAE and data2vec 2.0 the encoder alone on its visible
+tokens (data2vec 2.0: of all `clone_batch` copies) is timed too (`visible_encoder_s`).
 
 Settings (`bench.<key>=<value>`; the other arguments are pretraining overrides):
 

@@ -182,6 +182,17 @@ class Data2Vec2(Objective):
     def batch_maskers(self) -> list[BatchMasker]:
         return [self.masker]
 
+    def encode_visible(
+        self, backbone: ViTBackbone, images: torch.Tensor, ids_shuffle: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The student encoder on each clone's visible tokens: [B * clones, prefix + visible, D]."""
+        tokens, grid = backbone.patch_embed(images)
+        if self.clone_batch > 1:
+            tokens = tokens.repeat_interleave(self.clone_batch, dim=0)
+        visible = gather_tokens(tokens, ids_shuffle[:, : self.visible])
+        x, _ = backbone.run_blocks(backbone.add_prefix(visible))
+        return x, grid
+
     def student_predictions(
         self, backbone: ViTBackbone, images: torch.Tensor, ids_shuffle: torch.Tensor,
         ids_restore: torch.Tensor,
@@ -191,11 +202,7 @@ class Data2Vec2(Objective):
         Patches are embedded (with positions) once per image and repeated per clone; only the
         visible tokens and CLS go through the encoder.
         """
-        tokens, grid = backbone.patch_embed(images)
-        if self.clone_batch > 1:
-            tokens = tokens.repeat_interleave(self.clone_batch, dim=0)
-        visible = gather_tokens(tokens, ids_shuffle[:, : self.visible])
-        x, _ = backbone.run_blocks(backbone.add_prefix(visible))
+        x, grid = self.encode_visible(backbone, images, ids_shuffle)
         n_prefix = backbone.model.num_prefix_tokens
         full = decoder_input(x[:, n_prefix:], ids_restore, self.mask_noise_std)
         return self.decoder(full, grid), x[:, 0]
