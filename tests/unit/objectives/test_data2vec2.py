@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from test_data2vec2_ddp import build, global_batch
 
 from ssl.backbones.factory import build_backbone
 from ssl.backbones.sincos import sincos_2d
+from ssl.benchmark import training_step
 from ssl.config import CONFIG_DIR
 from ssl.data.datamodule import merge_view_specs
 from ssl.data.spec import PLAIN_VIEWS
@@ -27,6 +29,7 @@ from ssl.objectives.data2vec2 import Data2Vec2
 from ssl.objectives.dino import DINO
 from ssl.objectives.mae import MAE
 from ssl.optim.schedules import momentum_schedule
+from ssl.sync_detector import SyncDetector
 from ssl.teacher import TeacherSpec
 
 Y1 = torch.tensor([[1.0, 2, 3, 4], [2, 0, 0, 2]])[None]
@@ -288,3 +291,20 @@ def test_composites_share_crops_with_mae_and_refuse_dino() -> None:
     dino = DINO(vit.embed_dim, **recipe_settings("dino", out_dim=64, hidden_dim=32, bottleneck_dim=16))
     with pytest.raises(IncompatibleConfigError, match="cannot share a teacher"):
         SSLModule(vit, {"dino": dino, "data2vec2": d2v}, {}, None, batch_size=2)
+
+
+def test_one_optimizer_step_has_no_host_sync() -> None:
+    """The full step (fused AdamW, clipping, the gated EMA) with the data2vec2 recipe: no .item(),
+    no data-sized op (the masked count comes from torch.where, never a boolean selection)."""
+    module = build()
+    module.optim_cfg = OmegaConf.load(f"{CONFIG_DIR}/optimizer/data2vec2.yaml")
+    module.train()
+    optim = module.configure_optimizers()
+    module.schedules = module.build_schedules(100, 10)
+    batch = global_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        training_step(module, optim, batch)  # warm-up: optimizer state, schedules on the device
+        with SyncDetector() as detector:
+            training_step(module, optim, batch)
+    assert detector.syncs == [], detector.report()
