@@ -9,8 +9,11 @@ TransformedDataset + ResumableSampler (`dataset=imagefolder`), the shards throug
 stream (`dataset=webdataset`, shuffle buffer as configured), each sample decoded to RGB and
 turned into a uint8 tensor, batches collated by the data module's collate step. The shards are
 packed from the folder's files unchanged (scripts/pack_shards.py), so both decode the same
-bytes. Each setting runs one warm-up pass, then a timed pass (page cache warm for both: what a
-cold object store or disk costs is not measured here). Prints a markdown table and JSON.
+bytes. Each setting runs one warm-up pass of each loader, then `--rounds` timed passes alternating
+folder and shards (so both see the same machine load), and reports the medians (page cache
+warm for both: what a cold object store or disk costs is not measured here). The shard loader
+starts its workers anew each pass (as in training), the folder's are persistent (as in
+training). Prints a markdown table and JSON.
 """
 
 from __future__ import annotations
@@ -70,17 +73,14 @@ def timed_pass(loader: DataLoader) -> tuple[int, float]:
     return count, time.perf_counter() - start
 
 
-def folder_rate(root: str, workers: int, batch: int) -> float:
+def folder_loader(root: str, workers: int, batch: int) -> DataLoader:
     data = TransformedDataset(ImageFolderDataset(root), decode_only, None)
     sampler = ResumableSampler(len(data), seed=0)
-    loader = DataLoader(data, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
-                        collate_fn=MaskingCollate([]), persistent_workers=workers > 0)
-    timed_pass(loader)
-    count, seconds = timed_pass(loader)
-    return count / seconds
+    return DataLoader(data, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
+                      collate_fn=MaskingCollate([]), persistent_workers=workers > 0)
 
 
-def shard_rate(pattern: str, index: str, workers: int, batch: int, buffer: int) -> float:
+def shard_loader(pattern: str, index: str, workers: int, batch: int, buffer: int) -> DataLoader:
     urls = expand_urls(pattern)
     source = ShardedImages(urls, shard_sizes(urls, index), ["jpg", "png", "jpeg", "webp"], "cls", 10)
     plan = StreamPlan(source.sizes, source.num_shards, 1, workers, batch, seed=0)
@@ -89,11 +89,19 @@ def shard_rate(pattern: str, index: str, workers: int, batch: int, buffer: int) 
     def next_epoch(s: ShardStream) -> None:
         s.epoch += 1
 
-    loader = StreamLoader(stream, next_epoch, num_workers=workers,
-                          collate_fn=StreamCollate(MaskingCollate([])))
-    timed_pass(loader)
-    count, seconds = timed_pass(loader)
-    return count / seconds
+    return StreamLoader(stream, next_epoch, num_workers=workers, collate_fn=StreamCollate(MaskingCollate([])))
+
+
+def rates(loaders: dict[str, DataLoader], rounds: int) -> dict[str, list[float]]:
+    """Images/s of each loader's passes, alternating between them so that both see the same load."""
+    for loader in loaders.values():
+        timed_pass(loader)  # warm-up: page cache, worker start-up of persistent workers
+    out: dict[str, list[float]] = {name: [] for name in loaders}
+    for _ in range(rounds):
+        for name, loader in loaders.items():
+            count, seconds = timed_pass(loader)
+            out[name].append(count / seconds)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jpeg-size", type=int, default=None, help="Fashion-MNIST upscaled to this, as JPEG")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3, help="timed passes of each, alternating (median)")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--shuffle-buffer", type=int, default=1000)
     parser.add_argument("--work-dir", default=None, help="where the folder and shards go (default: temp)")
@@ -141,21 +150,25 @@ def main(argv: list[str] | None = None) -> int:
     size = os.path.getsize(os.path.join(shards, "train-000000.tar"))
     rows = []
     for workers in args.workers:
-        folder_ips = folder_rate(folder, workers, args.batch_size)
-        shard_ips = shard_rate(pattern, index, workers, args.batch_size, args.shuffle_buffer)
+        loaders = {"folder": folder_loader(folder, workers, args.batch_size),
+                   "shards": shard_loader(pattern, index, workers, args.batch_size, args.shuffle_buffer)}
+        measured = rates(loaders, args.rounds)
+        folder_ips, shard_ips = (float(np.median(measured[k])) for k in ("folder", "shards"))
         rows.append({"workers": workers, "folder_images_per_s": round(folder_ips, 1),
-                     "shards_images_per_s": round(shard_ips, 1), "ratio": round(shard_ips / folder_ips, 2)})
-        print(f"workers {workers}: folder {folder_ips:.0f} img/s, shards {shard_ips:.0f} img/s",
-              file=sys.stderr)
+                     "shards_images_per_s": round(shard_ips, 1), "ratio": round(shard_ips / folder_ips, 2),
+                     "passes": {k: [round(v, 1) for v in vals] for k, vals in measured.items()}})
+        print(f"workers {workers}: folder {folder_ips:.0f} img/s, shards {shard_ips:.0f} img/s (medians of "
+              f"{args.rounds})", file=sys.stderr)
     what = args.folder or (f"Fashion-MNIST as {args.jpeg_size} px JPEG" if args.jpeg_size
                            else "Fashion-MNIST 28 px PNG")
-    result = {"images": args.images, "source": what, "shards": count, "shard_bytes": size,
+    result = {"images": args.images, "rounds": args.rounds, "source": what, "shards": count,
+              "shard_bytes": size,
               "batch_size": args.batch_size, "shuffle_buffer": args.shuffle_buffer,
               "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "rows": rows}
     print(f"\n{args.images} images ({what}), {count} shards of {args.samples_per_shard}, batch "
           f"{args.batch_size}, shuffle buffer {args.shuffle_buffer}, {os.cpu_count()} CPUs\n")
-    print("| workers | folder img/s | shards img/s | shards / folder |\n|---|---|---|---|")
+    print("| workers | folder img/s | shards img/s | shards / folder |\n|---|---|---|---|")  # medians
     for row in rows:
         print(f"| {row['workers']} | {row['folder_images_per_s']:.0f} | {row['shards_images_per_s']:.0f} | "
               f"{row['ratio']:.2f} |")

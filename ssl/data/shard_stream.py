@@ -16,7 +16,8 @@ epoch, and nothing is promised about repeats.
 
 Shuffling. Each reader keeps a buffer of `dataset.shuffle_buffer` undecoded samples and emits
 a random one (numpy PCG64, seeded by seed, epoch, rank, worker) for every sample it reads, as
-webdataset's `shuffle` does. Each sample's augmentations are seeded by its position in its
+webdataset's `shuffle` does; at the end of its shards a reader empties the buffer, so a pass
+emits each of its samples once. Each sample's augmentations are seeded by its position in its
 reader's stream, and the collate step seeds the masks from those seeds.
 
 Exact resume. A batch carries its reader's state after it: the stream position (shard
@@ -27,8 +28,9 @@ buffer's samples came from (without decoding; at most buffer / shard size + 1 sh
 the buffer and continues. The DataLoader takes batches from its workers in turn, so the resumed
 loader numbers its workers from the reader whose batch came next. Given the same shards, seed,
 devices, `data.num_workers`, batch size and buffer size, the resumed batches are bit-identical
-to an uninterrupted run's (tests/unit/data/test_shard_stream.py). Changing any of these
-restarts the epoch's stream from its start for the remaining batches (with a warning).
+to an uninterrupted run's (tests/unit/data/test_shard_stream.py). Changing devices, workers,
+batch size or the shard count restarts each reader's epoch for the batches it still owes
+(with a warning: samples of that epoch then repeat or are missed).
 """
 
 from __future__ import annotations

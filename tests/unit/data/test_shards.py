@@ -130,3 +130,27 @@ def test_the_reader_agrees_with_tarfile_on_every_layout(tmp_path: Path, layout: 
                        ("short/k2", {"png": names[2]}), ("k3", {"seg.png": names[4]})]
     with open(path, "rb") as stream:
         assert [(o, k) for o, k, _ in iter_samples(stream, str(path), skip=2)] == [(2, "k3")]
+
+
+def test_http_urls_stream_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    """A local HTTP server (127.0.0.1, no network) stands in for a shard host."""
+    import functools
+    import http.server
+    import threading
+
+    write_shards(tmp_path, count=6, per_shard=3)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = OmegaConf.create(shard_config(f"{base}/train-{{000000..000001}}.tar",
+                                            index=str(tmp_path / "index.json")))
+        remote = build_dataset(cfg, "pretrain")
+        assert [k for _, k, _ in remote.samples(1)] == ["sample000003", "sample000004", "sample000005"]
+        with pytest.raises(ShardNotFoundError, match="train-000009.tar cannot be opened.*404"):
+            with open_shard(f"{base}/train-000009.tar"):
+                pass
+    finally:
+        server.shutdown()
