@@ -106,7 +106,7 @@ def iter_members(stream: IO[bytes], read: Callable[[str], bool]) -> Iterator[tup
     """(name, bytes) of every regular member of a tar stream; bytes None where `read(name)` is false.
 
     A small reader of the ustar / GNU / pax layouts `tarfile` and webdataset's writers produce,
-    about 3x faster than `tarfile` per member; `.tar.gz` streams are unpacked on the way.
+    about 4x faster than `tarfile` per member (16 vs 67-73 us here); `.tar.gz` is unpacked on the way.
     """
     head = stream.read(2)
     if head == b"\x1f\x8b":
