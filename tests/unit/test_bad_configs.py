@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs da
     (["objective=mae", "backbone=vit_t", "objective.mae.mask_ratio=1.2"], "mask_ratio must be in (0, 1)"),
     (["objective=data2vec", "backbone=vit_t", "objective.data2vec.mask_fraction=0"],
      "mask_fraction must be in (0, 1)"),
+    (["objective=data2vec2", "backbone=resnet18"], "data2vec 2.0 needs a ViT backbone"),
     (["objective=mfm", "backbone=resnet18", "objective.mfm.lowpass_prob=1.5"],
      "lowpass_prob is a probability"),
     (["objective=dino", "backbone=vit_t", "dataset.local_crop_size=32"],
