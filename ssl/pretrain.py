@@ -40,6 +40,7 @@ from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.datasets import build_dataset
 from ssl.data.labelled_split import SPLIT_FILE, dataset_labels, write_split
 from ssl.data.mixed_labels import labelled_pretrain_set
+from ssl.data.shard_urls import quote_url_overrides
 from ssl.errors import IncompatibleConfigError
 from ssl.export import export_backbone
 from ssl.module import SSLModule
@@ -400,4 +401,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[:] = quote_url_overrides(sys.argv)  # `dataset.urls=.../train-{000000..000099}.tar` as typed
     sys.exit(main())

@@ -179,3 +179,18 @@ def _open_pipe(url: str) -> Iterator[IO[bytes]]:
         status = process.wait()
     if finished and status != 0:
         raise ShardNotFoundError(f"shard {url}: the command exited with status {status}: {stderr[-500:]}")
+
+
+def quote_url_overrides(argv: Sequence[str], keys: Sequence[str] = ("dataset.urls",)) -> list[str]:
+    """Command-line overrides of `keys` with a bare brace pattern, quoted for Hydra.
+
+    Hydra's override grammar reads `{` as the start of a dict, so the webdataset spelling
+    `dataset.urls=/data/train-{000000..001023}.tar` would fail to parse; quoted, it is a string.
+    Values already quoted (or without braces) are left as they are.
+    """
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        bare = key.lstrip("+~") in keys and sep and "{" in value and value[:1] not in ("'", '"', "[")
+        out.append(f"{key}={chr(34)}{value}{chr(34)}" if bare and '"' not in value else arg)
+    return out

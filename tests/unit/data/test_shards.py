@@ -154,3 +154,18 @@ def test_http_urls_stream_and_a_missing_one_is_named(tmp_path: Path) -> None:
                 pass
     finally:
         server.shutdown()
+
+
+def test_a_bare_brace_pattern_on_the_command_line_reaches_the_config_as_typed() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from ssl.config import CONFIG_DIR
+    from ssl.data.shard_urls import quote_url_overrides
+
+    typed = ["dataset=webdataset", "dataset.urls=/data/train-{000000..000009}.tar", "seed=1"]
+    quoted = quote_url_overrides(typed)
+    assert quoted[0] == typed[0] and quoted[2] == typed[2]
+    assert quote_url_overrides(quoted) == quoted  # already quoted: left alone
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=quoted)
+    assert cfg.dataset.urls == "/data/train-{000000..000009}.tar"
