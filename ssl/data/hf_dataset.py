@@ -82,8 +82,8 @@ def _columns(table: Any, image_key: str, label_key: str | None, name: str) -> tu
     return table, classes
 
 
-class HFImages(Dataset):
-    """A map-style Hugging Face table as `(RGB PIL image, label)`; undecodable rows are unreadable."""
+class _HFColumns:
+    """The image and label columns of a Hugging Face table, checked, with its class names."""
 
     def __init__(self, table: Any, image_key: str, label_key: str | None, name: str,
                  num_classes: int | None = None) -> None:
@@ -91,6 +91,10 @@ class HFImages(Dataset):
         self.image_key, self.label_key, self.name = image_key, label_key, name
         self.has_labels = label_key is not None
         self.num_classes = (len(self.classes) or num_classes) if self.has_labels else None
+
+
+class HFImages(_HFColumns, Dataset):
+    """A map-style Hugging Face table as `(RGB PIL image, label)`; undecodable rows are unreadable."""
 
     @property
     def targets(self) -> list[int]:
@@ -107,17 +111,14 @@ class HFImages(Dataset):
         return image, int(row[self.label_key]) if self.has_labels else -1
 
 
-class HFShards:
+class HFShards(_HFColumns):
     """A streamed Hugging Face set as a shard source: each data file is one shard."""
 
     sizes = None  # rows per file are unknown until read: a resampled stream only
 
     def __init__(self, table: Any, image_key: str, label_key: str | None, name: str,
                  num_classes: int | None = None) -> None:
-        self.table, self.classes = _columns(table, image_key, label_key, name)
-        self.image_key, self.label_key, self.name = image_key, label_key, name
-        self.has_labels = label_key is not None
-        self.num_classes = (len(self.classes) or num_classes) if self.has_labels else None
+        super().__init__(table, image_key, label_key, name, num_classes)
         self.urls = [f"{name}#file{i}" for i in range(self.num_shards)]
         self._preview: list[dict[str, Any]] | None = None
 
