@@ -27,3 +27,31 @@ os.environ.setdefault("SSL_CACHE_DIR", tempfile.mkdtemp(prefix="ssl-test-feature
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+def pretrain_refusal(overrides: list[str], run_dir: Path) -> tuple[int, str]:
+    """Run `ssl.pretrain` in this process on the config its command line would compose, for a
+    config it should refuse: returns (exit status, stderr). A subprocess would spend ~12 s
+    importing torch and Lightning per case; the command-line path itself is tested once
+    (tests/unit/test_bad_configs.py)."""
+    import contextlib
+    import io
+
+    from hydra import compose, initialize_config_dir
+
+    from ssl.config import CONFIG_DIR
+    from ssl.pretrain import run
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        # max_steps=1: a refusal that regressed fails on its status after one step, not hours later
+        cfg = compose("config", overrides=[*overrides, "trainer.max_steps=1", f"run_dir={run_dir}"])
+    stderr = io.StringIO()
+    argv = sys.argv[:]
+    try:
+        with contextlib.redirect_stderr(stderr):
+            run(cfg)
+    except SystemExit as stop:
+        return int(stop.code or 0), stderr.getvalue()
+    finally:
+        sys.argv[:] = argv  # run() rewrites sys.argv (secrets redacted) for wandb
+    return 0, stderr.getvalue()

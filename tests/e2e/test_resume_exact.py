@@ -65,6 +65,18 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return out
 
 
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Run `cmd` in the background, output to `log`: the uninterrupted reference run goes alongside
+    the run that gets killed (most of a short run's wall time is the ~10 s of imports, which two
+    processes spend side by side on two cores)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=ENV)
+
+
+def finish(proc: subprocess.Popen, log: Path) -> None:
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+
+
 def run_until_file_then_kill(cmd: list[str], target: Path, log: Path, timeout: float = 300) -> None:
     """Start `cmd`, poll for `target` (written atomically: complete once it exists), SIGKILL.
 
@@ -113,10 +125,11 @@ def test_sigkill_mid_epoch_then_same_command_ends_bit_identical(
     tmp_path: Path, objective: str, workers_a: int, workers_b: int
 ) -> None:
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-    run(command(objective, a_dir, workers_a))
+    reference = start(command(objective, a_dir, workers_a), tmp_path / "a.log")
 
     cmd = command(objective, b_dir, workers_b)
     run_until_file_then_kill(cmd, b_dir / "checkpoints" / "epoch001-step0000008.ckpt", tmp_path / "b1.log")
+    finish(reference, tmp_path / "a.log")
     on_disk = [p.name for p in (b_dir / "checkpoints").glob("*.ckpt")]
     newest = max(step_of(n) for n in on_disk)
     out = run(cmd)  # the same command: auto-resume
@@ -140,9 +153,10 @@ def test_two_process_ddp_run_killed_mid_epoch_resumes_bit_identical(tmp_path: Pa
     """2 CPU ranks (gloo): each rank's sampler shard position and RNG states come back."""
     ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=8"]
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-    run([*command("dino", a_dir, 0), *ddp])
+    reference = start([*command("dino", a_dir, 0), *ddp], tmp_path / "a.log")
     cmd = [*command("dino", b_dir, 0), *ddp]
     run_until_file_then_kill(cmd, b_dir / "checkpoints" / "epoch001-step0000008.ckpt", tmp_path / "b1.log")
+    finish(reference, tmp_path / "a.log")
     out = run(cmd)
     assert "(step 8)" in out.stderr or "(step 10)" in out.stderr, out.stderr[-3000:]
     a = torch.load(a_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FASHION_MNIST_DIR, REPO_ROOT
+from conftest import FASHION_MNIST_DIR, REPO_ROOT, pretrain_refusal
 
 pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs dataset-fashion-mnist")
 
@@ -34,14 +34,23 @@ pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs da
 def test_bad_config_exits_2_with_advice_and_no_run(
     tmp_path: Path, overrides: list[str], message: str
 ) -> None:
-    command = ["ssl.pretrain", *overrides, "knn.enabled=false", f"hydra.run.dir={tmp_path}/r"]
+    status, stderr = pretrain_refusal([*overrides, "knn.enabled=false"], tmp_path / "r")
+    assert status == 2, stderr[-3000:]
+    assert message in stderr
+    assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_the_command_line_refuses_a_bad_config_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    command = ["ssl.pretrain", "objective=mae", "backbone=vit_t", "objective.mae.mask_ratio=1.2",
+               "knn.enabled=false", f"hydra.run.dir={tmp_path}/r"]
     out = subprocess.run(
         [sys.executable, "-m", *command],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 2, out.stderr[-3000:]
-    assert message in out.stderr and "Traceback" not in out.stderr
-    assert not (tmp_path / "r" / "config.yaml").exists()
+    assert "ssl.pretrain: error:" in out.stderr and "mask_ratio must be in (0, 1)" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists() or not (tmp_path / "r" / "config.yaml").exists()
 
 
 def test_unlabelled_folder_given_to_a_labelled_evaluation_says_so(tmp_path: Path) -> None:
