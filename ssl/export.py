@@ -181,7 +181,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
 
 
 def load_checkpoint_backbone(path: str | Path, which: str = "teacher") -> tuple[Backbone, dict[str, Any]]:
-    """Backbone (teacher's if present and asked for, else student's) from a Lightning checkpoint."""
+    """Backbone (teacher's if present and asked for, else student's) from a Lightning checkpoint.
+
+    "teacher" is the first teacher-based objective's (`teacher.module.*`), as in training's
+    evaluations; a combination's extra teachers (`teachers.<objective>.module.*`) are not exported.
+    """
     config, state = read_checkpoint(path)
     backbone = build_backbone(OmegaConf.create(config["backbone"]))
     prefixes = ["teacher.module.backbone.", "backbone."] if which == "teacher" else ["backbone."]

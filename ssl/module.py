@@ -1,14 +1,21 @@
-"""SSLModule: one backbone, a weighted set of objectives, an optional shared EMA teacher.
+"""SSLModule: one backbone, a weighted set of objectives, their EMA teacher(s).
 
 Generic on purpose: it knows nothing method-specific. Per optimizer step it sums the objectives'
 weighted losses, steps the optimizer (with this step's lr / weight decay, after clipping and the
-objectives' pre-step hooks) and updates the teacher once (so gradient accumulation is handled), and
+objectives' pre-step hooks) and updates each teacher once (so gradient accumulation is handled), and
 logs the objectives' metrics under their own names.
+
+Teachers: objectives with equal `TeacherSpec`s share one (every single objective, [dino,mfm],
+[mae,data2vec2]). The first teacher-based objective's teacher is `teacher` (state-dict keys
+`teacher.module.*`); it is the one evaluation, k-NN, attention maps and export use. A combination
+whose objectives ask for other settings (objective=[dino,data2vec]) keeps one more teacher per
+distinct spec in `teachers`, keyed by that group's first objective (`teachers.data2vec.module.*`),
+each with its own momentum schedule (logged as `teacher_momentum/<key>`), mode and buffer policy.
 
 The rest lives beside it: whether a step is applied (non-finite losses or gradients, fp16
 overflows; counted, and too many in a row stop the run) is `StepGate` (ssl/optim/step_gate.py);
-the per-step schedules are `training_schedules` (ssl/optim/schedules.py); the teacher and the
-reconciliation of the objectives' teacher settings are in ssl/teacher.py.
+the per-step schedules are `training_schedules` (ssl/optim/schedules.py); the teachers and the
+grouping of objectives by teacher settings are in ssl/teacher.py.
 
 The step has no host-device sync: the gate decides on the device where it can (the optimizer's
 `found_inf`, a gated EMA), metrics are logged as device tensors, and the host reads the gate's
@@ -36,7 +43,7 @@ from ssl.optim.nonfinite import DeviceCounters, NonFiniteGuard
 from ssl.optim.schedules import training_schedules
 from ssl.optim.step_gate import StepGate
 from ssl.sharding import average_replicated_gradients, is_sharded, shard_modules, transformer_blocks
-from ssl.teacher import EMATeacher, shared_teacher_spec
+from ssl.teacher import EMATeacher, teacher_groups
 
 
 def objective_groups(name: str, objective: Objective, settings: HeadOptim) -> list[dict]:
@@ -79,8 +86,15 @@ class SSLModule(pl.LightningModule):
         for objective in self.objectives.values():
             objective.check_backbone(backbone)
             objective.prepare_backbone(backbone)
-        spec = shared_teacher_spec(self.objectives)
-        self.teacher = EMATeacher(self.mirrored_by_teacher(), spec) if spec else None
+        groups = teacher_groups(self.objectives)
+        # objective name -> the key of the teacher it uses (its group's first objective)
+        self.teacher_keys = {name: group.key for group in groups for name in group.objectives}
+        self.first_teacher_key = groups[0].key if groups else None
+        self.teacher = EMATeacher(self.mirrored_by_teacher(), groups[0].spec) if groups else None
+        # Empty unless specs differ, so single teachers keep their state-dict keys and checkpoints.
+        self.teachers = nn.ModuleDict(
+            {g.key: EMATeacher(self.mirrored_by_teacher(g.key), g.spec) for g in groups[1:]}
+        )
         self.schedules: dict[str, np.ndarray] = {}
         self.sharded = False
         self.gate = StepGate(max_consecutive_nonfinite)
@@ -101,27 +115,47 @@ class SSLModule(pl.LightningModule):
     def configure_model(self) -> None:
         """`trainer.strategy=fsdp` (a device mesh from Lightning): shard the blocks with FSDP2.
 
-        The student's blocks (backbone, then heads the objectives offer) and their teacher copies.
+        The student's blocks (backbone, then heads the objectives offer) and their copies in every
+        teacher, so each EMA stays an update of local shards.
         """
         if self.device_mesh is None or self.sharded:
             return
         blocks = transformer_blocks(self.backbone)
         blocks += [block for objective in self.objectives.values() for block in objective.sharded_blocks()]
-        if self.teacher is not None:
-            wanted = {id(block) for block in blocks}
-            pairs = zip(self.mirrored_by_teacher().modules(), self.teacher.module.modules())
+        wanted = {id(block) for block in blocks}
+        for key, teacher in self.ema_teachers().items():
+            pairs = zip(self.mirrored_by_teacher(key).modules(), teacher.module.modules())
             blocks += [copy for original, copy in pairs if id(original) in wanted]
         shard_modules(blocks, self.device_mesh, root=self)
         self.sharded = True
 
-    def mirrored_by_teacher(self) -> nn.ModuleDict:
-        """The student parts the teacher averages: backbone plus heads objectives ask for."""
+    def mirrored_by_teacher(self, key: str | None = None) -> nn.ModuleDict:
+        """The student parts a teacher averages: backbone plus heads its objectives ask for.
+
+        `key`: the teacher (its group's first objective); None is the first teacher.
+        """
+        key = key or self.first_teacher_key
         parts: dict[str, nn.Module] = {"backbone": self.backbone}
         for name, objective in self.objectives.items():
-            head = objective.teacher_heads() if objective.needs_teacher else None
+            mirrored = key is not None and self.teacher_keys.get(name) == key
+            head = objective.teacher_heads() if mirrored else None
             if head is not None:
                 parts[name] = head
         return nn.ModuleDict(parts)
+
+    def ema_teachers(self) -> dict[str, EMATeacher]:
+        """Every EMA teacher by key: the first (`teacher`), then the extras (`teachers`)."""
+        first = {self.first_teacher_key: self.teacher} if self.teacher is not None else {}
+        return {**first, **dict(self.teachers.items())}
+
+    def teacher_for(self, name: str) -> EMATeacher | None:
+        """Objective `name`'s own teacher; objectives without one get the first (None if none)."""
+        key = self.teacher_keys.get(name)
+        return self.teachers[key] if key in self.teachers else self.teacher
+
+    def momentum_name(self, key: str) -> str:
+        """The schedule (and, with "teacher_" in front, the log) name of a teacher's momentum."""
+        return "momentum" if key == self.first_teacher_key else f"momentum/{key}"
 
     # ----------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -154,8 +188,9 @@ class SSLModule(pl.LightningModule):
     def build_schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         """Per-step lr, weight decay and teacher momentum for this run (`training_schedules`)."""
         spec = self.teacher.spec if self.teacher is not None else None
+        extras = {key: teacher.spec for key, teacher in self.teachers.items()}
         batch = self.global_batch_size()
-        return training_schedules(self.optim_cfg, batch, total_steps, steps_per_epoch, spec)
+        return training_schedules(self.optim_cfg, batch, total_steps, steps_per_epoch, spec, extras)
 
     def on_train_start(self) -> None:
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -190,16 +225,16 @@ class SSLModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- step
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.teacher is not None:
-            self.teacher.follow_mode_policy(self.backbone.training)
+        for teacher in self.ema_teachers().values():
+            teacher.follow_mode_policy(self.backbone.training)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         ctx = self.context()
-        teacher = self.teacher.module if self.teacher is not None else None
         total = 0.0
         logs: dict[str, torch.Tensor] = {}
         for name, objective in self.objectives.items():
-            out = objective.loss(batch, self.backbone, teacher, ctx)
+            teacher = self.teacher_for(name)
+            out = objective.loss(batch, self.backbone, teacher.module if teacher is not None else None, ctx)
             total = total + self.weights.get(name, 1.0) * out.loss
             logs[f"{name}/loss"] = out.loss.detach()
             for key, value in out.metrics.items():
@@ -211,7 +246,9 @@ class SSLModule(pl.LightningModule):
         # the progress bar shows `progress_metrics` instead (ssl/callbacks/progress.py).
         self.log("train/loss", total.detach(), batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
-        logged = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "teacher_momentum"}
+        logged = {"lr": "lr", "weight_decay": "weight_decay"}
+        momenta = [self.momentum_name(key) for key in self.ema_teachers()]
+        logged.update({name: f"teacher_{name}" for name in momenta})
         for name, key in logged.items():
             if name in self.schedules:
                 self.log(f"train/{key}", self.scheduled_tensor(name), batch_size=batch_size)
@@ -269,9 +306,9 @@ class SSLModule(pl.LightningModule):
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
     ) -> None:
-        """Set this step's lr / wd, step, then move the teacher (once per optimizer step).
+        """Set this step's lr / wd, step, then move each teacher (once per optimizer step).
 
-        The teacher stays put when the step was skipped (non-finite, or an fp16 scaler overflow).
+        Teachers stay put when the step was skipped (non-finite, or an fp16 scaler overflow).
         Every `read_interval()` steps the host reads the device state (`read_guard`).
         """
         if self.schedules:
@@ -281,9 +318,11 @@ class SSLModule(pl.LightningModule):
                 if group.get("apply_weight_decay") and not group.get("fixed_weight_decay"):
                     group["weight_decay"] = wd
         self.gate.step(optimizer, optimizer_closure)
-        if self.teacher is not None and not self.gate.host_skipped:
-            momentum = self.scheduled("momentum") if self.schedules else self.teacher.spec.momentum
-            self.teacher.update(self.mirrored_by_teacher(), momentum, skip=self.gate.device_skip)
+        if not self.gate.host_skipped:
+            for key, teacher in self.ema_teachers().items():
+                name = self.momentum_name(key)
+                momentum = self.scheduled(name) if self.schedules else teacher.spec.momentum
+                teacher.update(self.mirrored_by_teacher(key), momentum, skip=self.gate.device_skip)
         if self.gate.count_step(self.read_interval()):
             self.read_guard()
 
@@ -319,7 +358,7 @@ class SSLModule(pl.LightningModule):
         self.read_guard()
 
     def eval_backbone(self, which: str = "teacher") -> Backbone:
-        """The backbone evaluations use: the teacher's when there is one (DINO's protocol)."""
+        """The backbone evaluations use: the first teacher's when there is one (DINO's protocol)."""
         if which == "teacher" and self.teacher is not None:
             return self.teacher["backbone"]
         return self.backbone

@@ -64,6 +64,7 @@ from ssl.sharding import (
     transformer_blocks,
     uses_block_sharding,
 )
+from ssl.teacher import separate_teachers_note, teacher_groups
 from ssl.visualize.attention import has_cls_attention
 
 # PretrainDataModule saves and restores its position inside an epoch itself (ResumableSampler),
@@ -208,8 +209,9 @@ def resolve_sync_batchnorm(trainer_cfg: DictConfig, objectives: Any) -> bool:
 def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
     """The training module; `num_samples` (the dataset size) fills in `num_samples: null`.
 
-    Several objectives (`objective=[dino,mfm]`) share the backbone and one EMA teacher; each
-    keeps its weight, heads, state and head optimiser settings (ssl/composite.py).
+    Several objectives (`objective=[dino,mfm]`) share the backbone, and one EMA teacher when their
+    teacher settings agree (else one each: ssl/teacher.py); each keeps its weight, heads, state and
+    head optimiser settings (ssl/composite.py).
     """
     resolve_optimizer_recipe(cfg, CONFIG_DIR)
     resolve_drop_path_rate(cfg)
@@ -231,8 +233,9 @@ def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
         max_consecutive_nonfinite=guard.get("max_consecutive_nonfinite", 20),
         head_optim=head_optim_settings(cfg.objective),
     )
-    if cfg.backbone.get("compile"):  # after the teacher's copy: each backbone compiles its own
-        for net in {id(b): b for b in (module.backbone, module.eval_backbone("teacher"))}.values():
+    if cfg.backbone.get("compile"):  # after the teachers' copies: each backbone compiles its own
+        teachers = [teacher["backbone"] for teacher in module.ema_teachers().values()]
+        for net in {id(b): b for b in (module.backbone, *teachers)}.values():
             compile_backbone(net)
     return module
 
@@ -289,6 +292,8 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     resolve_num_classes(cfg, dataset)
     pl.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, num_samples=len(dataset))
+    if len(module.teachers) and not launched_as_worker_rank():
+        print(f"ssl.pretrain: {separate_teachers_note(teacher_groups(module.objectives))}", file=sys.stderr)
     sharded = uses_block_sharding(cfg.trainer)
     if sharded:
         transformer_blocks(module.backbone)  # FSDP needs a ViT: fail now, not in every rank

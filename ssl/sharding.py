@@ -2,15 +2,16 @@
 
 Lightning's `ModelParallelStrategy` runs FSDP2 (`torch.distributed.fsdp.fully_shard`) and leaves the
 sharding to the LightningModule's `configure_model`. Here every transformer block of the student
-and of the EMA teacher becomes its own FSDP unit: parameters, gradients and optimizer state of the
+and of each EMA teacher becomes its own FSDP unit: parameters, gradients and optimizer state of the
 blocks (well over 90% of a ViT) are split across ranks and gathered block by block in forward and
 backward. The rest (patch embedding, position embedding, tokens, final norm, objective heads) stays
 replicated and its gradients are averaged across ranks like DDP's. Why not shard the root module:
 FSDP2 gathers a unit's parameters when its `forward` runs, and the objectives reach into the
 backbone (patch embedding, mask tokens, visible-token encoders) without calling the root forward.
 
-The teacher's blocks are sharded exactly like the student's, so the EMA is an element-wise update
-of local shards with no communication.
+Teachers' blocks (one teacher, or one per distinct teacher setting of a combination) are sharded
+exactly like the student's, so each EMA is an element-wise update of local shards with no
+communication.
 """
 
 from __future__ import annotations

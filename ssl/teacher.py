@@ -1,14 +1,16 @@
-"""The shared EMA teacher every teacher-based objective reuses.
+"""The EMA teachers of teacher-based objectives.
 
-A deep copy of the student's backbone (and the heads objectives ask it to mirror) that never
-receives gradients, runs without stochastic depth or dropout, and follows
+A teacher is a deep copy of the student's backbone (and the heads objectives ask it to mirror)
+that never receives gradients, runs without stochastic depth or dropout, and follows
 theta_t <- m * theta_t + (1 - m) * theta_s once per optimizer step with one fused foreach lerp.
 It is built in the training module's constructor, so it is part of the LightningModule: DDP
 broadcasts it from rank 0 with the student (all ranks start equal) and checkpoints carry it.
 Under FSDP its blocks are sharded like the student's, and the EMA runs on the local shards.
 
-There is one teacher for all objectives, so their `TeacherSpec`s are reconciled here
-(`shared_teacher_spec`): equal, or a clear error before training.
+Objectives whose `TeacherSpec`s are equal share one teacher; a combination whose objectives ask
+for different settings (objective=[dino,data2vec]: cosine momentum and train mode against a
+constant one in eval mode) gets one teacher per distinct spec (`teacher_groups`), so that neither
+method's teacher changes. Each extra teacher costs one more copy of the backbone.
 """
 
 from __future__ import annotations
@@ -21,13 +23,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ssl.errors import IncompatibleConfigError
 from ssl.sharding import local
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """How the shared EMA teacher behaves for an objective.
+    """How an objective's EMA teacher behaves (objectives with equal specs share one).
 
     momentum -> momentum_end per optimizer step, following `schedule`: "cosine" over the run
     (DINO), "constant" (data2vec 1.0: momentum only) or "linear" over `ramp_steps` updates then
@@ -45,7 +46,7 @@ class TeacherSpec:
 
 
 class TeacherUser(Protocol):
-    """What the reconciliation needs of an objective (duck-typed: no import of ssl.objectives)."""
+    """What the grouping needs of an objective (duck-typed: no import of ssl.objectives)."""
 
     needs_teacher: bool
 
@@ -57,24 +58,43 @@ class TeacherUser(Protocol):
 ALIGNABLE_TEACHER_FIELDS = ("momentum", "momentum_end", "schedule", "ramp_steps")
 
 
-def shared_teacher_spec(objectives: Mapping[str, TeacherUser]) -> TeacherSpec | None:
-    """The one teacher behaviour all teacher-based objectives agree on (or a clear error).
+@dataclass(frozen=True)
+class TeacherGroup:
+    """Objectives sharing one EMA teacher: their common spec and their names, in objective order.
 
-    `objectives`: name -> anything with `needs_teacher` and `teacher_spec()` (the objectives).
-    There is one EMA teacher, so no rule could pick between two momentum schedules without
-    silently changing one method: differing settings fail before training, naming the overrides.
+    `key` is the first objective's name: extra teachers are stored and logged under it.
     """
-    specs = {name: obj.teacher_spec() for name, obj in objectives.items() if obj.needs_teacher}
-    if not specs:
-        return None
-    if len(set(specs.values())) > 1:
-        raise IncompatibleConfigError(teacher_mismatch_message(specs))
-    return next(iter(specs.values()))
+
+    spec: TeacherSpec
+    objectives: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return self.objectives[0]
 
 
-def teacher_mismatch_message(specs: Mapping[str, TeacherSpec]) -> str:
-    """Which teacher fields differ, and the overrides that align them with the first objective."""
-    names = list(specs)
+def teacher_groups(objectives: Mapping[str, TeacherUser]) -> list[TeacherGroup]:
+    """The teacher-based objectives grouped by equal `TeacherSpec`, in order of first appearance.
+
+    `objectives`: name -> anything with `needs_teacher` and `teacher_spec()`. The first group's
+    teacher is the one evaluation and export use (the first teacher-based objective's). Empty when
+    no objective needs a teacher.
+    """
+    by_spec: dict[TeacherSpec, list[str]] = {}
+    for name, obj in objectives.items():
+        if obj.needs_teacher:
+            by_spec.setdefault(obj.teacher_spec(), []).append(name)
+    return [TeacherGroup(spec, tuple(names)) for spec, names in by_spec.items()]
+
+
+def separate_teachers_note(groups: list[TeacherGroup]) -> str:
+    """Why a combination trains several teachers, what it costs, and how to share one instead.
+
+    Sharing is only possible when the differing fields are all user settings (momentum and its
+    schedule); train mode and buffer policy are fixed by each method.
+    """
+    specs = {group.key: group.spec for group in groups}
+    names, extra = list(specs), len(groups) - 1
     first = specs[names[0]]
     fields = [f for f in TeacherSpec.__dataclass_fields__
               if len({getattr(s, f) for s in specs.values()}) > 1]
@@ -82,19 +102,17 @@ def teacher_mismatch_message(specs: Mapping[str, TeacherSpec]) -> str:
         f"teacher.{f}: " + ", ".join(f"{n}={getattr(s, f)}" for n, s in specs.items()) for f in fields
     )
     message = (
-        f"objectives {', '.join(names)} share one EMA teacher but ask for different settings ({differ})."
+        f"objectives {', '.join(names)} ask for different teacher settings ({differ}): each keeps its "
+        f"own EMA teacher ({extra} more backbone cop{'y' if extra == 1 else 'ies'} in memory); evaluation "
+        f"and export use {names[0]}'s."
     )
-    fixed = [f for f in fields if f not in ALIGNABLE_TEACHER_FIELDS]
-    if fixed:
-        return message + (
-            f" {', '.join(fixed)} are fixed by each method, so these objectives cannot share a "
-            "teacher: train them separately."
-        )
+    if any(f not in ALIGNABLE_TEACHER_FIELDS for f in fields):
+        return message
     overrides = [
         f"objective.{n}.teacher.{f}={getattr(first, f)}"
         for n in names[1:] for f in fields if getattr(specs[n], f) != getattr(first, f)
     ]
-    return message + f" Align them, e.g. (to {names[0]}'s values): {' '.join(overrides)}"
+    return message + f" To share one (with {names[0]}'s settings): {' '.join(overrides)}"
 
 
 def disable_stochastic_layers(module: nn.Module) -> None:

@@ -6,6 +6,7 @@ arrays the training module indexes by `global_step`; the curves themselves are p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -130,8 +131,12 @@ def training_schedules(
     total_steps: int,
     steps_per_epoch: int,
     teacher: TeacherSpec | None = None,
+    extra_teachers: Mapping[str, TeacherSpec] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-step lr, weight decay and (with a `teacher`) EMA momentum for one run.
+
+    "momentum" follows `teacher`; each of `extra_teachers` (a combination's teachers with other
+    settings, by key) gets its own curve as "momentum/<key>".
 
     lr = base lr x `global_batch` / lr_reference_batch (256 for DINO and MAE, 512 for MFM) when
     `scale_lr_with_batch`; MFM's recipe also scales its min and warm-up start lr
@@ -150,9 +155,11 @@ def training_schedules(
         "lr": frozen_then(frozen, lrs),
         "weight_decay": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total_steps),
     }
-    if teacher is not None:
-        schedules["momentum"] = momentum_schedule(
-            teacher.schedule, teacher.momentum, teacher.momentum_end, total_steps, teacher.ramp_steps
+    named = {"momentum": teacher} if teacher is not None else {}
+    named.update({f"momentum/{key}": spec for key, spec in (extra_teachers or {}).items()})
+    for name, spec in named.items():
+        schedules[name] = momentum_schedule(
+            spec.schedule, spec.momentum, spec.momentum_end, total_steps, spec.ramp_steps
         )
     return schedules
 

@@ -1,4 +1,5 @@
-"""Composite objectives (issue 10): several objectives, weighted, on one backbone and one teacher."""
+"""Composite objectives (issue 10): several objectives, weighted, on one backbone; one EMA teacher per
+distinct teacher setting (issue 23: objective=[dino,data2vec] keeps both methods' teachers)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ from ssl.composite import (
 )
 from ssl.config import CONFIG_DIR, objective_names
 from ssl.data.frequency import FrequencyMasker
-from ssl.errors import IncompatibleConfigError
 from ssl.module import SSLModule
 from ssl.objectives import recipe_settings
 from ssl.objectives.base import StepContext
+from ssl.objectives.data2vec import Data2Vec
 from ssl.objectives.dino import DINO
 from ssl.objectives.forward_cache import ForwardCache
 from ssl.objectives.mfm import MFM
-from ssl.teacher import TeacherSpec, teacher_mismatch_message
+from ssl.teacher import TeacherGroup, TeacherSpec, separate_teachers_note
 
 MEAN, STD = [0.286] * 3, [0.353] * 3
 OPTIM = OmegaConf.load(Path(CONFIG_DIR) / "optimizer" / "dino.yaml")
@@ -78,12 +79,14 @@ def test_the_preset_composes() -> None:
     assert cfg.optimizer.recipe_of == "dino" and cfg.optimizer.lr == 2e-3
 
 
-def test_teacher_mismatch_names_the_overrides() -> None:
-    message = teacher_mismatch_message({"a": TeacherSpec(0.996), "b": TeacherSpec(0.99)})
-    assert "teacher.momentum: a=0.996, b=0.99" in message
-    assert "objective.b.teacher.momentum=0.996" in message
-    fixed = teacher_mismatch_message({"a": TeacherSpec(), "b": TeacherSpec(train_mode=False)})
-    assert "cannot share a teacher" in fixed
+def test_the_separate_teachers_note_names_the_settings_and_how_to_share() -> None:
+    groups = [TeacherGroup(TeacherSpec(0.996), ("a", "c")), TeacherGroup(TeacherSpec(0.99), ("b",))]
+    message = separate_teachers_note(groups)
+    assert "teacher.momentum: a=0.996, b=0.99" in message and "1 more backbone copy" in message
+    assert "objective.b.teacher.momentum=0.996" in message and "export use a's" in message
+    fixed = separate_teachers_note([TeacherGroup(TeacherSpec(), ("a",)),
+                                    TeacherGroup(TeacherSpec(train_mode=False), ("b",))])
+    assert "teacher.train_mode: a=True, b=False" in fixed and "To share one" not in fixed
 
 
 # ----------------------------------------------------------------------------- tiny models
@@ -201,13 +204,18 @@ def test_the_cache_tells_grad_modes_and_inputs_apart() -> None:
     assert StepContext().forwards is not StepContext().forwards  # one cache per step
 
 
-def test_incompatible_teachers_fail_when_built() -> None:
+def test_a_different_momentum_alone_gets_its_own_teacher_with_its_own_head() -> None:
     backbone = tiny_backbone()
     other = tiny_dino(backbone)
     other.name = "dino2"
     other._teacher = TeacherSpec(0.9)
-    with pytest.raises(IncompatibleConfigError, match="objective.dino2.teacher.momentum=0.996"):
-        SSLModule(backbone, {"dino": tiny_dino(backbone), "dino2": other}, {}, OPTIM, batch_size=4)
+    module = SSLModule(backbone, {"dino": tiny_dino(backbone), "dino2": other}, {}, OPTIM, batch_size=4)
+    assert set(module.teacher.module) == {"backbone", "dino"}
+    assert set(module.teachers) == {"dino2"} and set(module.teachers["dino2"].module) == {"backbone", "dino2"}
+    schedules = module.build_schedules(total_steps=10, steps_per_epoch=10)
+    assert schedules["momentum"][0] == pytest.approx(0.996) and schedules["momentum"][-1] > 0.996
+    assert schedules["momentum/dino2"][0] == pytest.approx(0.9)  # cosine 0.9 -> 1, its own curve
+    assert schedules["momentum/dino2"][5] == pytest.approx(0.95)
 
 
 # ----------------------------------------------------------------------------- optimiser, state, resume
@@ -265,6 +273,153 @@ def test_state_and_per_objective_optimiser_groups_survive_resume(tmp_path: Path)
     assert trainer.global_step == 6
 
 
+# ----------------------------------------------------------------------------- one teacher per setting
+def tiny_dino_data2vec() -> SSLModule:
+    """DINO (cosine 0.996 -> 1, train mode, buffers kept) + data2vec (constant 0.9998, eval, copied)."""
+    backbone = tiny_backbone()
+    objectives = {"dino": tiny_dino(backbone),
+                  "data2vec": Data2Vec(backbone, **recipe_settings("data2vec", image_size=SIZE, top_k=1))}
+    return SSLModule(backbone, objectives, {"dino": 1.0, "data2vec": 1.0}, OPTIM, batch_size=4)
+
+
+def masked_loader(module: SSLModule) -> DataLoader:
+    """`Samples` batches plus the objectives' masks, as the data module's collate step adds them."""
+    maskers = [m for objective in module.objectives.values() for m in objective.batch_maskers()]
+
+    def collate(samples: list[dict]) -> dict:
+        batch = torch.utils.data.default_collate(samples)
+        for masker in maskers:
+            batch.update(masker(len(samples), torch.Generator().manual_seed(int(batch["index"][0]))))
+        return batch
+
+    return DataLoader(Samples(), batch_size=4, collate_fn=collate)
+
+
+def params_of(teacher: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in teacher.module.parameters()]
+
+
+class TeacherProbe(pl.Callback):
+    """Both teachers and the parts they mirror before and after every step; what each loss received."""
+
+    def __init__(self, module: SSLModule) -> None:
+        self.before: dict[int, dict] = {}
+        self.after: dict[int, dict] = {}
+        self.seen: dict[str, list[tuple[int, bool, bool]]] = {"dino": [], "data2vec": []}
+        for name, objective in module.objectives.items():
+            original = objective.loss
+
+            def loss(batch, backbone, teacher, ctx, name=name, original=original):
+                modes = [m.training for m in teacher.modules()]
+                self.seen[name].append((id(teacher), all(modes), any(modes)))
+                out = original(batch, backbone, teacher, ctx)
+                if name == "data2vec" and ctx.step == 1:  # a non-finite step: every teacher stays put
+                    out.loss = out.loss * float("nan")
+                return out
+
+            objective.loss = loss
+
+    @staticmethod
+    def take(module: SSLModule) -> dict:
+        def student(key: str) -> list[torch.Tensor]:
+            return [p.detach().clone() for p in module.mirrored_by_teacher(key).parameters()]
+
+        teachers = module.ema_teachers().items()
+        return {key: {"teacher": params_of(t), "student": student(key)} for key, t in teachers}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.before[trainer.global_step] = self.take(module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.after[trainer.global_step - 1] = self.take(module)
+
+
+def train_dino_data2vec(root: Path) -> tuple[SSLModule, TeacherProbe]:
+    module = tiny_dino_data2vec()
+    with torch.no_grad():  # teachers away from the student (and apart): the EMA is visible at lr 0
+        for i, teacher in enumerate(module.ema_teachers().values()):
+            for p in teacher.module.parameters():
+                p.add_(torch.randn_like(p), alpha=0.1 * (i + 1))
+    probe = TeacherProbe(module)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=root, callbacks=[probe])
+    trainer.fit(module, masked_loader(module))
+    assert trainer.global_step == 3
+    return module, probe
+
+
+def test_dino_and_data2vec_each_keep_their_own_teacher(tmp_path: Path) -> None:
+    module, probe = train_dino_data2vec(tmp_path)
+    dino, d2v = module.teacher, module.teachers["data2vec"]
+    assert module.ema_teachers() == {"dino": dino, "data2vec": d2v}
+    assert dino.spec == module.objectives["dino"].teacher_spec()
+    assert d2v.spec == module.objectives["data2vec"].teacher_spec()
+    assert set(dino.module) == {"backbone", "dino"} and set(d2v.module) == {"backbone"}
+    assert module.eval_backbone("teacher") is dino["backbone"]  # evaluation: the first objective's
+    # Each teacher's own schedule: DINO's cosine starts at 0.996, data2vec's constant 0.9998.
+    momenta = {"dino": module.schedules["momentum"], "data2vec": module.schedules["momentum/data2vec"]}
+    assert momenta["dino"][0] == pytest.approx(0.996) and momenta["dino"][2] > momenta["dino"][1] > 0.996
+    assert list(momenta["data2vec"]) == pytest.approx([0.9998] * 3)
+    for step in (0, 2):
+        for key, m in ((k, float(v[step])) for k, v in momenta.items()):
+            before, after = probe.before[step][key], probe.after[step][key]
+            for old, new, student in zip(before["teacher"], after["teacher"], after["student"]):
+                torch.testing.assert_close(new, m * old + (1 - m) * student, rtol=0, atol=1e-6)
+            assert any(not torch.equal(o, n) for o, n in zip(before["teacher"], after["teacher"]))
+    for key in momenta:  # step 1 was non-finite: the gate kept both teachers put
+        for old, new in zip(probe.before[1][key]["teacher"], probe.after[1][key]["teacher"]):
+            assert torch.equal(old, new)
+    # Each loss got its own teacher: DINO's in train mode (as the student), data2vec's in eval mode.
+    assert probe.seen["dino"] == [(id(dino.module), True, True)] * 3
+    assert probe.seen["data2vec"] == [(id(d2v.module), False, False)] * 3
+
+
+def test_both_teachers_log_their_momentum_and_survive_a_state_dict_round_trip(tmp_path: Path) -> None:
+    module = tiny_dino_data2vec()
+    module.schedules = module.build_schedules(total_steps=4, steps_per_epoch=4)
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    module.train()
+    module.training_step(masked_loader(module).__iter__().__next__(), 0)
+    assert logged["train/teacher_momentum"] == pytest.approx(0.996)
+    assert logged["train/teacher_momentum/data2vec"] == pytest.approx(0.9998)
+    with torch.no_grad():
+        for i, teacher in enumerate(module.ema_teachers().values()):
+            for p in teacher.parameters():
+                p.fill_(i + 1.0)
+    state = module.state_dict()
+    assert any(k.startswith("teacher.module.dino.") for k in state)
+    assert any(k.startswith("teachers.data2vec.module.backbone.") for k in state)
+    assert not any(k.startswith("teachers.data2vec.module.dino") for k in state)
+    torch.save(state, tmp_path / "state.pt")
+    fresh = tiny_dino_data2vec()
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))  # strict
+    assert all((p == 1.0).all() for p in fresh.teacher.parameters())
+    assert all((p == 2.0).all() for p in fresh.teachers["data2vec"].parameters())
+
+
+def test_equal_teacher_settings_keep_one_teacher_and_its_keys() -> None:
+    module = tiny_pair()
+    assert len(module.teachers) == 0 and module.ema_teachers() == {"dino": module.teacher}
+    mirrored = torch.nn.ModuleDict({"backbone": module.backbone, "dino": module.objectives["dino"].head})
+    teacher_keys = {k for k in module.state_dict() if k.startswith("teacher")}
+    assert teacher_keys == {f"teacher.module.{k}" for k in mirrored.state_dict()}
+    assert set(module.build_schedules(10, 10)) == {"lr", "weight_decay", "momentum"}
+
+
+def test_fsdp_shards_the_blocks_of_every_teacher(monkeypatch) -> None:
+    module = tiny_dino_data2vec()
+    sharded: list[torch.nn.Module] = []
+    monkeypatch.setattr("ssl.module.shard_modules", lambda blocks, mesh, root: sharded.extend(blocks))
+    module._device_mesh = object()
+    module.configure_model()
+    head = module.objectives["dino"].head
+    expected = [module.backbone.model.blocks[0], head.mlp, head.last_layer,
+                module.teacher["backbone"].model.blocks[0], module.teacher["dino"].mlp,
+                module.teacher["dino"].last_layer, module.teachers["data2vec"]["backbone"].model.blocks[0]]
+    assert [id(b) for b in sharded] == [id(b) for b in expected]
+
+
 # ----------------------------------------------------------------------------- command line
 needs_data = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs dataset-fashion-mnist")
 
@@ -275,15 +430,37 @@ def pretrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @needs_data
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["objective=[dino,data2vec]"], "cannot share a teacher"),
-    (["objective=[dino,mfm]", "optimizer.from_objective=mae"], "optimizer.from_objective=mae is not one of"),
-])
-def test_bad_combinations_exit_2_before_training(tmp_path: Path, overrides: list[str], message: str) -> None:
-    status, stderr = pretrain_refusal([*overrides, "backbone=vit_t", "knn.enabled=false"], tmp_path / "r")
+def test_a_bad_combination_exits_2_before_training(tmp_path: Path) -> None:
+    overrides = ["objective=[dino,mfm]", "optimizer.from_objective=mae", "backbone=vit_t",
+                 "knn.enabled=false"]
+    status, stderr = pretrain_refusal(overrides, tmp_path / "r")
     assert status == 2, stderr[-3000:]
-    assert message in stderr
+    assert "optimizer.from_objective=mae is not one of" in stderr
     assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+@needs_data
+@pytest.mark.slow
+def test_dino_with_data2vec_trains_with_two_teachers_and_logs_each_objective(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    out = pretrain(
+        "objective=[dino,data2vec]", "backbone=vit_t", "+backbone.kwargs.depth=1", "dataset.patch_size=7",
+        "dataset.local_crop_size=14", "objective.dino.out_dim=64", "objective.dino.hidden_dim=32",
+        "objective.dino.bottleneck_dim=16", "objective.dino.local_crops=1", "data.batch_size=16",
+        "data.num_workers=0", "trainer.limit_train_batches=2", "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=1", "knn.enabled=false", "trainer.enable_model_summary=false",
+        "reconstructions.enabled=false", "attention_maps.enabled=false", f"hydra.run.dir={run_dir}",
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "each keeps its own EMA teacher" in out.stderr
+    header = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for name in ("train/dino/loss", "train/data2vec/loss", "train/teacher_momentum",
+                 "train/teacher_momentum/data2vec"):
+        assert name in header, name
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    assert any(k.startswith("teachers.data2vec.module.backbone.") for k in state)
+    assert (run_dir / "backbone.safetensors").exists()  # exported: the first (DINO) teacher
 
 
 @needs_data

@@ -289,8 +289,9 @@ def test_composites_share_crops_with_mae_and_refuse_dino() -> None:
     torch.testing.assert_close(combined, separate)
 
     dino = DINO(vit.embed_dim, **recipe_settings("dino", out_dim=64, hidden_dim=32, bottleneck_dim=16))
-    with pytest.raises(IncompatibleConfigError, match="cannot share a teacher"):
-        SSLModule(vit, {"dino": dino, "data2vec2": d2v}, {}, None, batch_size=2)
+    both = SSLModule(vit, {"dino": dino, "data2vec2": d2v}, {}, None, batch_size=2)
+    assert both.teacher.spec == dino.teacher_spec()  # DINO's teacher, and data2vec 2.0 keeps its own
+    assert set(both.teachers) == {"data2vec2"} and both.teachers["data2vec2"].spec == d2v.teacher_spec()
 
 
 def test_one_optimizer_step_has_no_host_sync() -> None:
