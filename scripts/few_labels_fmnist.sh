@@ -36,6 +36,22 @@ evaluate() {  # name, overrides... (a checkpoint, or a baseline's backbone= / pi
     tail -n 1 "$OUT/$name.eval.log"
 }
 
+trained() {  # name, pretrain overrides...: pretrain, then evaluate the exported backbone
+    local name=$1; shift
+    pretrain "$name" "$@"
+    evaluate "$name" checkpoint="$OUT/$name/backbone.safetensors" dataset=fashion_mnist
+}
+
+mixed() {  # name, preset, objective: [objective,supervised] with 16 labelled images per batch of 128
+    trained "$1" experiment="$2" "objective=[$3,supervised]" "${FEW[@]}" data.labelled_per_batch=16 "${@:4}"
+}
+
+supervised_alone() {  # name, preset, its objective, passes over the 600 (4 batches of 128 each)
+    # ~objective.<x>: the preset's settings of an objective this run does not train
+    trained "$1" experiment="$2" objective=supervised "~objective.$3" "${FEW[@]}" data.labelled_per_batch=128 \
+        trainer.max_epochs="$4" optimizer.warmup_epochs=$(($4 / 5)) knn.every_n_epochs="$4" "${@:5}"
+}
+
 row() {
     case $1 in
         pixels)        evaluate pixels pixels=true dataset=fashion_mnist ;;
@@ -43,40 +59,18 @@ row() {
         vit_untrained) evaluate vit_untrained backbone=vit_t dataset=fashion_mnist dataset.patch_size=7 \
                            +backbone.kwargs.depth=6 ;;
         resnet18_untrained) evaluate resnet18_untrained backbone=resnet18 dataset=fashion_mnist ;;
-
-        # DINO: 1 epoch x 468 steps of 128
-        dino)          pretrain dino experiment=quickstart
-                       evaluate dino checkpoint="$OUT/dino/backbone.safetensors" dataset=fashion_mnist ;;
-        dino_sup)      pretrain dino_sup experiment=quickstart "objective=[dino,supervised]" "${FEW[@]}" \
-                           data.labelled_per_batch=16 trainer.limit_train_batches=468
-                       evaluate dino_sup checkpoint="$OUT/dino_sup/backbone.safetensors" dataset=fashion_mnist ;;
-        # every batch labelled: 4 batches of 128 per pass over the 600, 117 passes = 468 steps
-        sup_vit)       pretrain sup_vit experiment=quickstart objective=supervised "~objective.dino" "${FEW[@]}" \
-                           data.labelled_per_batch=128 trainer.max_epochs=117 optimizer.warmup_epochs=23 \
-                           knn.every_n_epochs=117
-                       evaluate sup_vit checkpoint="$OUT/sup_vit/backbone.safetensors" dataset=fashion_mnist ;;
-
+        # DINO: 1 epoch x 468 steps of 128 (117 passes x 4 batches alone)
+        dino)          trained dino experiment=quickstart ;;
+        dino_sup)      mixed dino_sup quickstart dino trainer.limit_train_batches=468 ;;
+        sup_vit)       supervised_alone sup_vit quickstart dino 117 ;;
         # MAE: 3 epochs x 468 steps
-        mae)           pretrain mae experiment=quickstart_mae
-                       evaluate mae checkpoint="$OUT/mae/backbone.safetensors" dataset=fashion_mnist ;;
-        mae_sup)       pretrain mae_sup experiment=quickstart_mae "objective=[mae,supervised]" "${FEW[@]}" \
-                           data.labelled_per_batch=16 trainer.limit_train_batches=468
-                       evaluate mae_sup checkpoint="$OUT/mae_sup/backbone.safetensors" dataset=fashion_mnist ;;
-        sup_vit_mae)   pretrain sup_vit_mae experiment=quickstart_mae objective=supervised "${FEW[@]}" \
-                           data.labelled_per_batch=128 trainer.max_epochs=351 optimizer.warmup_epochs=70 \
-                           knn.every_n_epochs=351
-                       evaluate sup_vit_mae checkpoint="$OUT/sup_vit_mae/backbone.safetensors" dataset=fashion_mnist ;;
-
+        mae)           trained mae experiment=quickstart_mae ;;
+        mae_sup)       mixed mae_sup quickstart_mae mae trainer.limit_train_batches=468 ;;
+        sup_vit_mae)   supervised_alone sup_vit_mae quickstart_mae mae 351 ;;
         # CoKe: 6 epochs x 100 steps, ResNet-18
-        coke)          pretrain coke experiment=quickstart_coke
-                       evaluate coke checkpoint="$OUT/coke/backbone.safetensors" dataset=fashion_mnist ;;
-        coke_sup)      pretrain coke_sup experiment=quickstart_coke "objective=[coke,supervised]" "${FEW[@]}" \
-                           data.labelled_per_batch=16
-                       evaluate coke_sup checkpoint="$OUT/coke_sup/backbone.safetensors" dataset=fashion_mnist ;;
-        sup_resnet18)  pretrain sup_resnet18 experiment=quickstart_coke objective=supervised "${FEW[@]}" \
-                           data.labelled_per_batch=128 trainer.max_epochs=150 trainer.limit_train_batches=null \
-                           optimizer.warmup_epochs=25 knn.every_n_epochs=150
-                       evaluate sup_resnet18 checkpoint="$OUT/sup_resnet18/backbone.safetensors" dataset=fashion_mnist ;;
+        coke)          trained coke experiment=quickstart_coke ;;
+        coke_sup)      mixed coke_sup quickstart_coke coke ;;
+        sup_resnet18)  supervised_alone sup_resnet18 quickstart_coke coke 150 trainer.limit_train_batches=null ;;
         *) echo "unknown row $1" >&2; exit 2 ;;
     esac
 }
