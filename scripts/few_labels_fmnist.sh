@@ -7,6 +7,7 @@
 # next to the backbone untrained and raw pixels, evaluated on the same 1%. The whole 10k test split.
 #
 #   bash scripts/few_labels_fmnist.sh [row ...]     # default: every row; runs/few_labels/<row>/
+#   METHODS=knn,linear bash scripts/few_labels_fmnist.sh ...   # skip fine-tuning (~7 of a row's ~11 eval min)
 #
 # A finished row (its label_efficiency.json exists) is skipped, so the script can be re-run.
 set -euo pipefail
@@ -27,7 +28,7 @@ pretrain() {  # name, overrides...
 
 evaluate() {  # name, overrides... (a checkpoint, or a baseline's backbone= / pixels=)
     local name=$1; shift
-    local methods=methods=[knn,linear,finetune]
+    local methods="methods=[${METHODS:-knn,linear,finetune}]"
     [[ " $* " == *" pixels=true "* ]] && methods=methods=[knn,linear]  # nothing to fine-tune
     [ -f "$OUT/$name.label_efficiency.json" ] && return 0
     echo "== evaluate $name: $*"

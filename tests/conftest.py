@@ -29,11 +29,11 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-def pretrain_refusal(overrides: list[str], run_dir: Path) -> tuple[int, str]:
-    """Run `ssl.pretrain` in this process on the config its command line would compose, for a
-    config it should refuse: returns (exit status, stderr). A subprocess would spend ~12 s
-    importing torch and Lightning per case; the command-line path itself is tested once
-    (tests/unit/test_bad_configs.py)."""
+def pretrain_in_process(overrides: list[str], run_dir: Path) -> tuple[int, str]:
+    """Run `ssl.pretrain` in this process on the config its command line would compose: returns
+    (exit status, stderr). A subprocess would spend ~12 s importing torch and Lightning per run;
+    the command-line path itself is tested by the subprocess tests (tests/e2e/, the one CLI case of
+    tests/unit/test_bad_configs.py)."""
     import contextlib
     import io
 
@@ -43,8 +43,7 @@ def pretrain_refusal(overrides: list[str], run_dir: Path) -> tuple[int, str]:
     from ssl.pretrain import run
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        # max_steps=1: a refusal that regressed fails on its status after one step, not hours later
-        cfg = compose("config", overrides=[*overrides, "trainer.max_steps=1", f"run_dir={run_dir}"])
+        cfg = compose("config", overrides=[*overrides, f"run_dir={run_dir}"])
     stderr = io.StringIO()
     argv = sys.argv[:]
     try:
@@ -55,3 +54,9 @@ def pretrain_refusal(overrides: list[str], run_dir: Path) -> tuple[int, str]:
     finally:
         sys.argv[:] = argv  # run() rewrites sys.argv (secrets redacted) for wandb
     return 0, stderr.getvalue()
+
+
+def pretrain_refusal(overrides: list[str], run_dir: Path) -> tuple[int, str]:
+    """`pretrain_in_process` for a config it should refuse. max_steps=1: a refusal that regressed
+    fails on its status after one step, not hours later."""
+    return pretrain_in_process([*overrides, "trainer.max_steps=1"], run_dir)
