@@ -47,6 +47,31 @@ def head_optim_settings(objectives: Mapping[str, Any]) -> dict[str, HeadOptim]:
     return settings
 
 
+def drop_unselected_objective_settings(
+    cfg: DictConfig, setting_names: Mapping[str, tuple[str, ...]]
+) -> list[str]:
+    """Remove what a preset wrote for an objective the command line did not choose; one note each.
+
+    `experiment=quickstart` sets `objective.dino.out_dim` and so on; with `objective=mae` on the
+    command line those keys still land in the config, as an `objective.dino` node holding only them.
+    A node is such a leftover when it lacks settings its yaml declares (`setting_names[name]`) while
+    another node is complete: an objective chosen with `objective=` always comes whole from its yaml.
+    With no complete node nothing is removed, and building the objectives reports what is missing.
+    """
+    nodes = {name: set(node or {}) for name, node in cfg.objective.items() if name in setting_names}
+    complete = {name for name, keys in nodes.items() if set(setting_names[name]) <= keys}
+    if not complete:
+        return []
+    notes = []
+    for name in [n for n in nodes if n not in complete]:
+        keys = ", ".join(sorted(nodes[name]))
+        notes.append(f"objective.{name} ({keys}) ignored: {name} is not among the objectives trained "
+                     f"({', '.join(complete)}); a preset sets it for its own objective")
+        with open_dict(cfg.objective):
+            del cfg.objective[name]
+    return notes
+
+
 def recipe_objective(cfg: DictConfig) -> str | None:
     """The objective whose recipe a composite optimizer node stands for, else None."""
     choice = cfg.optimizer.get("from_objective")

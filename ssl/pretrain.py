@@ -34,7 +34,12 @@ from ssl.checkpointing.atomic_io import AtomicCheckpointIO
 from ssl.checkpointing.metrics_csv import csv_logger
 from ssl.checkpointing.pruning import PrunedCheckpoints
 from ssl.checkpointing.resume import checkpoint_step
-from ssl.composite import head_optim_settings, objective_weights, resolve_optimizer_recipe
+from ssl.composite import (
+    drop_unselected_objective_settings,
+    head_optim_settings,
+    objective_weights,
+    resolve_optimizer_recipe,
+)
 from ssl.config import CONFIG_DIR
 from ssl.data.datamodule import PretrainDataModule, merge_view_specs
 from ssl.data.datasets import build_dataset
@@ -384,6 +389,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     so does a run that diverged (exit status 3)."""
     sys.argv[:] = redact_overrides(sys.argv)  # composed already; wandb records the command line
     redact_sweep_config()
+    declared = {name: tuple(cls.setting_names()) for name, cls in OBJECTIVES.items()}
+    for note in drop_unselected_objective_settings(cfg, declared):
+        if not launched_as_worker_rank():
+            print(f"ssl.pretrain: {note}", file=sys.stderr)
     try:
         prepared = prepare(cfg)
     except (FileNotFoundError, FileExistsError, ValueError) as error:

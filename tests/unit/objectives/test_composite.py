@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import FASHION_MNIST_DIR, REPO_ROOT, pretrain_refusal
+from conftest import FASHION_MNIST_DIR, REPO_ROOT, pretrain_in_process, pretrain_refusal
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from ssl.backbones.factory import build_backbone
 from ssl.composite import (
     HeadOptim,
+    drop_unselected_objective_settings,
     head_optim_settings,
     objective_weights,
     resolve_optimizer_recipe,
@@ -26,7 +27,7 @@ from ssl.composite import (
 from ssl.config import CONFIG_DIR, objective_names
 from ssl.data.frequency import FrequencyMasker
 from ssl.module import SSLModule
-from ssl.objectives import recipe_settings
+from ssl.objectives import OBJECTIVES, recipe_settings
 from ssl.objectives.base import StepContext
 from ssl.objectives.data2vec import Data2Vec
 from ssl.objectives.dino import DINO
@@ -77,6 +78,44 @@ def test_the_preset_composes() -> None:
     assert head_optim_settings(cfg.objective) == {"dino": HeadOptim(), "mfm": HeadOptim(1.0, 0.05)}
     resolve_optimizer_recipe(cfg, CONFIG_DIR)
     assert cfg.optimizer.recipe_of == "dino" and cfg.optimizer.lr == 2e-3
+
+
+DECLARED = {name: tuple(cls.setting_names()) for name, cls in OBJECTIVES.items()}
+
+
+def test_a_presets_settings_for_another_objective_are_dropped_with_a_note() -> None:
+    """experiment=quickstart writes objective.dino.*; objective=mae on the command line trains MAE
+    only, so the partial dino node goes (it made the run fail with 'objective.dino is missing ...')."""
+    cfg = composed("experiment=quickstart", "objective=mae")
+    assert set(cfg.objective) == {"mae", "dino"} and "hidden_dim" not in cfg.objective.dino
+    notes = drop_unselected_objective_settings(cfg, DECLARED)
+    assert list(cfg.objective) == ["mae"]
+    assert len(notes) == 1 and notes[0].startswith("objective.dino (freeze_last_layer, local_crops")
+    assert "not among the objectives trained (mae)" in notes[0]
+    # the objective the preset is for, and combinations that include it, keep every node
+    for overrides in (["experiment=quickstart"], ["experiment=quickstart", "objective=[dino,supervised]"]):
+        cfg = composed(*overrides)
+        before = OmegaConf.to_container(cfg.objective)
+        assert drop_unselected_objective_settings(cfg, DECLARED) == []
+        assert OmegaConf.to_container(cfg.objective) == before
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs apt-get install dataset-fashion-mnist")
+def test_a_dino_preset_trains_another_objective_and_says_what_it_ignored(tmp_path: Path) -> None:
+    quiet = ["trainer.max_steps=1", "knn.enabled=false", "export.enabled=false",
+             "attention_maps.enabled=false", "reconstructions.enabled=false", "data.batch_size=8",
+             "data.num_workers=0", "trainer.enable_progress_bar=false"]
+    status, stderr = pretrain_in_process(["experiment=quickstart", "objective=mae", *quiet], tmp_path / "r")
+    assert status == 0, stderr[-3000:]
+    assert "ssl.pretrain: objective.dino (" in stderr and "ignored" in stderr
+    assert "dino" not in OmegaConf.load(tmp_path / "r" / "config.yaml").objective
+
+
+def test_with_no_complete_objective_nothing_is_dropped() -> None:
+    """Only partial nodes: building the objectives reports the missing settings, as before."""
+    cfg = OmegaConf.create({"objective": {"dino": {"out_dim": 8}}})
+    assert drop_unselected_objective_settings(cfg, DECLARED) == []
+    assert list(cfg.objective) == ["dino"]
 
 
 def test_the_separate_teachers_note_names_the_settings_and_how_to_share() -> None:
