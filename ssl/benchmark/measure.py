@@ -31,7 +31,6 @@ from ssl.benchmark.timing import (
     time_it,
     total_time,
 )
-from ssl.data.datamodule import merge_view_specs
 from ssl.data.datasets import build_dataset
 from ssl.data.spec import PLAIN_VIEWS, VIEWS
 from ssl.module import SSLModule
@@ -95,6 +94,18 @@ def least_work_student(module: SSLModule) -> torch.nn.ModuleDict:
     return torch.nn.ModuleDict(parts)
 
 
+def teacher_inputs(module: SSLModule, batch: dict[str, Any]) -> list[tuple[torch.nn.ModuleDict, list]]:
+    """Every EMA teacher with what it encodes in a step: its objectives' global crops (DINO), or
+    the plain view when they take none (data2vec: the unmasked image). `[dino,data2vec]` keeps two."""
+    pairs = []
+    for key, teacher in module.ema_teachers().items():
+        users = [name for name, used in module.teacher_keys.items() if used == key]
+        n_global = max(module.objectives[name].view_spec().global_crops for name in users)
+        crops = batch[VIEWS][:n_global] if n_global else batch.get(PLAIN_VIEWS, [])[:1]
+        pairs.append((teacher.module, crops))
+    return pairs
+
+
 def benchmark(cfg: DictConfig, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
     device = default_device()
     precision = resolve_precision(cfg.bench.get("precision", "auto"), device)
@@ -117,11 +128,8 @@ def benchmark(cfg: DictConfig, steps: int = 10, warmup: int = 3) -> dict[str, An
     module.schedules = module.build_schedules(10_000, 100)
     scaler = attach_grad_scaler(module, device) if dtype is torch.float16 else None
     batch = synthetic_batch(cfg, module, device)
-    n_global = merge_view_specs([o.view_spec() for o in module.objectives.values()]).global_crops
-    # The teacher sees DINO's global crops, or the plain view (data2vec: the unmasked image).
-    teacher_crops = batch[VIEWS][:n_global] if n_global else batch.get(PLAIN_VIEWS, [])[:1]
+    teachers = teacher_inputs(module, batch)
     student = least_work_student(module)
-    teacher = module.teacher.module if module.teacher is not None else None
 
     def encode_through(net: torch.nn.ModuleDict, crops: list[torch.Tensor]) -> torch.Tensor:
         feats = encode_crops(net["backbone"], crops)
@@ -132,9 +140,9 @@ def benchmark(cfg: DictConfig, steps: int = 10, warmup: int = 3) -> dict[str, An
     def least_work() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = encode_through(student, student_crops(batch))
-            if teacher is not None:
-                with torch.no_grad():
-                    encode_through(teacher, teacher_crops)
+            with torch.no_grad():
+                for teacher, crops in teachers:
+                    encode_through(teacher, crops)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         student.zero_grad(set_to_none=True)
 

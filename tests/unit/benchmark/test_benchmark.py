@@ -16,10 +16,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ssl.benchmark.cli import main, parse_args
+from ssl.benchmark.measure import teacher_inputs
 from ssl.benchmark.runs import planned_runs
 from ssl.benchmark.step import attach_grad_scaler, resolve_precision, synthetic_batch, training_step
 from ssl.benchmark.timing import UtilisationSampler, gpu_utilisation_sampler
 from ssl.data.datamodule import PretrainDataModule
+from ssl.data.spec import PLAIN_VIEWS, VIEWS
 from ssl.pretrain import build_module
 
 # A ViT of 2 blocks on Fashion-MNIST-sized crops, one timed step: the numbers mean nothing, the
@@ -207,3 +209,19 @@ def test_utilisation_is_the_mean_of_its_samples_and_absent_on_the_cpu() -> None:
     with UtilisationSampler(None) as nothing:
         pass
     assert nothing.mean is None and gpu_utilisation_sampler(torch.device("cpu")) is None
+
+
+def test_the_least_work_runs_every_teacher_on_its_own_input() -> None:
+    """`[dino,data2vec]` keeps two EMA teachers (their momentum settings differ): DINO's encodes
+    the global crops, data2vec's the plain unmasked image; both count in the least work."""
+    overrides = ["objective=[dino,data2vec]", *TINY[:5], "run_dir=unused"]
+    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    module = build_module(cfg, num_samples=64)
+    batch = synthetic_batch(OmegaConf.create(module.hparams["config"]), module, torch.device("cpu"))
+    pairs = teacher_inputs(module, batch)
+    assert [teacher for teacher, _ in pairs] == [t.module for t in module.ema_teachers().values()]
+    assert len(pairs) == 2
+    (_, dino_crops), (_, data2vec_crops) = pairs
+    assert len(dino_crops) == 2 and all(c is v for c, v in zip(dino_crops, batch[VIEWS]))
+    assert len(data2vec_crops) == 1 and data2vec_crops[0] is batch[PLAIN_VIEWS][0]
