@@ -47,10 +47,10 @@ mixed() {  # name, preset, objective: [objective,supervised] with 16 labelled im
     trained "$1" experiment="$2" "objective=[$3,supervised]" "${FEW[@]}" data.labelled_per_batch=16 "${@:4}"
 }
 
-supervised_alone() {  # name, preset, its objective, passes over the 600 (4 batches of 128 each)
-    # ~objective.<x>: the preset's settings of an objective this run does not train
-    trained "$1" experiment="$2" objective=supervised "~objective.$3" "${FEW[@]}" data.labelled_per_batch=128 \
-        trainer.max_epochs="$4" optimizer.warmup_epochs=$(($4 / 5)) knn.every_n_epochs="$4" "${@:5}"
+supervised_alone() {  # name, preset, passes over the 600 (4 batches of 128 each)
+    # the preset's settings of its own objective are dropped by ssl.pretrain (it says so)
+    trained "$1" experiment="$2" objective=supervised "${FEW[@]}" data.labelled_per_batch=128 \
+        trainer.max_epochs="$3" optimizer.warmup_epochs=$(($3 / 5)) knn.every_n_epochs="$3" "${@:4}"
 }
 
 row() {
@@ -63,15 +63,15 @@ row() {
         # DINO: 1 epoch x 468 steps of 128 (117 passes x 4 batches alone)
         dino)          trained dino experiment=quickstart ;;
         dino_sup)      mixed dino_sup quickstart dino trainer.limit_train_batches=468 ;;
-        sup_vit)       supervised_alone sup_vit quickstart dino 117 ;;
+        sup_vit)       supervised_alone sup_vit quickstart 117 ;;
         # MAE: 3 epochs x 468 steps
         mae)           trained mae experiment=quickstart_mae ;;
         mae_sup)       mixed mae_sup quickstart_mae mae trainer.limit_train_batches=468 ;;
-        sup_vit_mae)   supervised_alone sup_vit_mae quickstart_mae mae 351 ;;
+        sup_vit_mae)   supervised_alone sup_vit_mae quickstart_mae 351 ;;
         # CoKe: 6 epochs x 100 steps, ResNet-18
         coke)          trained coke experiment=quickstart_coke ;;
         coke_sup)      mixed coke_sup quickstart_coke coke ;;
-        sup_resnet18)  supervised_alone sup_resnet18 quickstart_coke coke 150 trainer.limit_train_batches=null ;;
+        sup_resnet18)  supervised_alone sup_resnet18 quickstart_coke 150 trainer.limit_train_batches=null ;;
         *) echo "unknown row $1" >&2; exit 2 ;;
     esac
 }

@@ -47,19 +47,18 @@ def head_optim_settings(objectives: Mapping[str, Any]) -> dict[str, HeadOptim]:
     return settings
 
 
-def drop_unselected_objective_settings(
-    cfg: DictConfig, setting_names: Mapping[str, tuple[str, ...]]
-) -> list[str]:
+def drop_unselected_objective_settings(cfg: DictConfig, objectives: Mapping[str, Any]) -> list[str]:
     """Remove what a preset wrote for an objective the command line did not choose; one note each.
 
     `experiment=quickstart` sets `objective.dino.out_dim` and so on; with `objective=mae` on the
     command line those keys still land in the config, as an `objective.dino` node holding only them.
-    A node is such a leftover when it lacks settings its yaml declares (`setting_names[name]`) while
-    another node is complete: an objective chosen with `objective=` always comes whole from its yaml.
-    With no complete node nothing is removed, and building the objectives reports what is missing.
+    A node is such a leftover when it lacks settings its yaml declares (`objectives[name]
+    .setting_names()`, the registry's classes) while another node is complete: an objective chosen
+    with `objective=` always comes whole from its yaml. With no complete node nothing is removed,
+    and building the objectives reports what is missing.
     """
-    nodes = {name: set(node or {}) for name, node in cfg.objective.items() if name in setting_names}
-    complete = {name for name, keys in nodes.items() if set(setting_names[name]) <= keys}
+    nodes = {name: set(node or {}) for name, node in cfg.objective.items() if name in objectives}
+    complete = {name for name, keys in nodes.items() if set(objectives[name].setting_names()) <= keys}
     if not complete:
         return []
     notes = []

@@ -218,6 +218,10 @@ def build_module(cfg: DictConfig, num_samples: int | None = None) -> SSLModule:
     teacher settings agree (else one each: ssl/teacher.py); each keeps its weight, heads, state and
     head optimiser settings (ssl/composite.py).
     """
+    # First: a preset's leftover node for another objective would otherwise count as one below.
+    for note in drop_unselected_objective_settings(cfg, OBJECTIVES):
+        if not launched_as_worker_rank():
+            print(f"ssl.pretrain: {note}", file=sys.stderr)
     resolve_optimizer_recipe(cfg, CONFIG_DIR)
     resolve_drop_path_rate(cfg)
     resolve_num_samples(cfg, num_samples)
@@ -389,10 +393,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     so does a run that diverged (exit status 3)."""
     sys.argv[:] = redact_overrides(sys.argv)  # composed already; wandb records the command line
     redact_sweep_config()
-    declared = {name: tuple(cls.setting_names()) for name, cls in OBJECTIVES.items()}
-    for note in drop_unselected_objective_settings(cfg, declared):
-        if not launched_as_worker_rank():
-            print(f"ssl.pretrain: {note}", file=sys.stderr)
     try:
         prepared = prepare(cfg)
     except (FileNotFoundError, FileExistsError, ValueError) as error:

@@ -80,15 +80,12 @@ def test_the_preset_composes() -> None:
     assert cfg.optimizer.recipe_of == "dino" and cfg.optimizer.lr == 2e-3
 
 
-DECLARED = {name: tuple(cls.setting_names()) for name, cls in OBJECTIVES.items()}
-
-
 def test_a_presets_settings_for_another_objective_are_dropped_with_a_note() -> None:
     """experiment=quickstart writes objective.dino.*; objective=mae on the command line trains MAE
     only, so the partial dino node goes (it made the run fail with 'objective.dino is missing ...')."""
     cfg = composed("experiment=quickstart", "objective=mae")
     assert set(cfg.objective) == {"mae", "dino"} and "hidden_dim" not in cfg.objective.dino
-    notes = drop_unselected_objective_settings(cfg, DECLARED)
+    notes = drop_unselected_objective_settings(cfg, OBJECTIVES)
     assert list(cfg.objective) == ["mae"]
     assert len(notes) == 1 and notes[0].startswith("objective.dino (freeze_last_layer, local_crops")
     assert "not among the objectives trained (mae)" in notes[0]
@@ -96,7 +93,7 @@ def test_a_presets_settings_for_another_objective_are_dropped_with_a_note() -> N
     for overrides in (["experiment=quickstart"], ["experiment=quickstart", "objective=[dino,supervised]"]):
         cfg = composed(*overrides)
         before = OmegaConf.to_container(cfg.objective)
-        assert drop_unselected_objective_settings(cfg, DECLARED) == []
+        assert drop_unselected_objective_settings(cfg, OBJECTIVES) == []
         assert OmegaConf.to_container(cfg.objective) == before
 
 
@@ -114,7 +111,7 @@ def test_a_dino_preset_trains_another_objective_and_says_what_it_ignored(tmp_pat
 def test_with_no_complete_objective_nothing_is_dropped() -> None:
     """Only partial nodes: building the objectives reports the missing settings, as before."""
     cfg = OmegaConf.create({"objective": {"dino": {"out_dim": 8}}})
-    assert drop_unselected_objective_settings(cfg, DECLARED) == []
+    assert drop_unselected_objective_settings(cfg, OBJECTIVES) == []
     assert list(cfg.objective) == ["dino"]
 
 
