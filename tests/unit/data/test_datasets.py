@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import socket
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,6 +110,10 @@ def test_fashion_mnist_missing_root_says_how_to_get_it(tmp_path: Path) -> None:
     assert str(missing) in message and "train-images-idx3-ubyte" in message
 
 
+def no_network(*args, **kwargs) -> None:
+    raise AssertionError("a test tried to open a network connection")
+
+
 def test_fashion_mnist_downloads_only_when_asked(tmp_path: Path, monkeypatch) -> None:
     calls: list[str] = []
 
@@ -117,6 +122,8 @@ def test_fashion_mnist_downloads_only_when_asked(tmp_path: Path, monkeypatch) ->
         write_fmnist(Path(root) / "FashionMNIST" / "raw")
 
     monkeypatch.setattr(D, "_download_fashion_mnist", fake_download)
+    # download=True below must reach the fake, never the network: any connection attempt fails here
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     root = tmp_path / "dl"
     with pytest.raises(DatasetNotFoundError):
         build_dataset(dataset_cfg("fashion_mnist", root=str(root)), "train")
