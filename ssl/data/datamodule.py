@@ -404,17 +404,19 @@ def clean_loader(
     num_workers: int,
     shard: tuple[int, int] = (0, 1),
     max_samples: int | None = None,
+    only: Sequence[int] | None = None,
 ) -> DataLoader:
     """Un-augmented (resized / centre-cropped) images of a raw dataset for k-NN and probes.
 
     `shard=(rank, world)` gives each rank a disjoint slice; `max_samples` takes an evenly spaced
-    subset (the same on every rank) to bound the cost of an online monitor. Unreadable images are
-    left out with their labels, so a batch may be smaller than `batch_size`.
+    subset (the same on every rank) to bound the cost of an online monitor; `only` reads just those
+    dataset indices, in that order (a labelled 1 % needs 1 % of the images encoded). Unreadable
+    images are left out with their labels, so a batch may be smaller than `batch_size`.
     """
     transform = eval_transform(dataset_cfg.image_size, tuple(dataset_cfg.mean), tuple(dataset_cfg.std))
     data = TransformedDataset(dataset, transform, "image", on_unreadable="drop")
-    indices = list(range(len(data)))
-    if max_samples and max_samples < len(indices):
+    indices = list(range(len(data))) if only is None else [int(i) for i in only]
+    if only is None and max_samples and max_samples < len(indices):
         step = len(indices) / max_samples
         indices = [int(i * step) for i in range(max_samples)]
     rank, world = shard

@@ -85,13 +85,28 @@ def test_knn_subset_is_seeded_per_class_and_recorded(folders: Path, tmp_path: Pa
     assert other["labelled"]["per_class_counts"] == {0: 4, 1: 4, 2: 4}
 
 
-def test_subset_rows_are_those_images_features(folders: Path, tmp_path: Path) -> None:
-    full = labelled_features(eval_cfg("knn", folders, tmp_path / "c"), "k-NN")
-    sub = labelled_features(eval_cfg("knn", folders, tmp_path / "c", "labelled_per_class=3"), "k-NN")
+@pytest.mark.parametrize("full_split_cached", [True, False])
+def test_subset_rows_are_those_images_features(folders: Path, tmp_path: Path, full_split_cached: bool) -> None:
+    """From the whole split's cache, or (nothing cached) encoding the 9 labelled images alone."""
+    cache = tmp_path / "c"
+    if full_split_cached:
+        labelled_features(eval_cfg("knn", folders, cache), "k-NN")
+    sub = labelled_features(eval_cfg("knn", folders, cache, "labelled_per_class=3"), "k-NN")
+    train_entries = {p: json.loads(p.read_text()) for p in cache.glob("*.json")}
+    train_entries = {p: d for p, d in train_entries.items() if d["split"] == "train"}
+    (path, description), = train_entries.items()
+    rows = len(torch.load(path.with_suffix(".pt"), weights_only=True)["labels"])
+    if full_split_cached:
+        assert "labelled_count" not in description and rows == 60
+    else:  # only the subset was encoded, and it is cached under its own key
+        assert description["labelled_count"] == 9 and rows == 9
+    full = labelled_features(eval_cfg("knn", folders, tmp_path / "full"), "k-NN")
     indices = sub.labelled["indices"]
     assert len(indices) == 9 and sub.labelled["per_class_counts"] == {0: 3, 1: 3, 2: 3}
     assert torch.equal(sub.train_x, full.train_x[indices]) and torch.equal(sub.train_y, full.train_y[indices])
     assert torch.equal(sub.test_x, full.test_x)
+    again = labelled_features(eval_cfg("knn", folders, cache, "labelled_per_class=3"), "k-NN")
+    assert set(again.cached.values()) == {"hit"} and torch.equal(again.train_x, sub.train_x)
 
 
 def test_linear_probe_sees_the_same_subset_as_knn(folders: Path, tmp_path: Path) -> None:
@@ -154,6 +169,7 @@ def test_two_ways_of_choosing_are_refused(folders: Path, tmp_path: Path) -> None
 def test_cached_features_without_indices_still_work(folders: Path, tmp_path: Path) -> None:
     """Entries written before rows carried their dataset index: one row per pool image, in order."""
     cache = tmp_path / "cache"
+    knn.evaluate(eval_cfg("knn", folders, cache))  # the whole split, which the subset is read from
     reference = knn.evaluate(eval_cfg("knn", folders, cache, "labelled_fraction=0.2"))
     entries = list(cache.glob("*.pt"))
     assert entries
