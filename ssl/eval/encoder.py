@@ -189,7 +189,8 @@ def labelled_features(
     cached: dict[str, str] = {}
     for split, data in splits.items():
         pool = pool_indices(len(data), limits[split])
-        describe = {part: {**identity, "split": split, "limit": limits[split], "part": part} for part in wanted}
+        describe = {part: {**identity, "split": split, "limit": limits[split], "part": part}
+                    for part in wanted}
         keys = {part: cache_key(description) for part, description in describe.items()}
         found = {part: with_row_indices(cache.load(key), pool) for part, key in keys.items()}
         only = None

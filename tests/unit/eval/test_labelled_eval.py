@@ -86,7 +86,9 @@ def test_knn_subset_is_seeded_per_class_and_recorded(folders: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize("full_split_cached", [True, False])
-def test_subset_rows_are_those_images_features(folders: Path, tmp_path: Path, full_split_cached: bool) -> None:
+def test_subset_rows_are_those_images_features(
+    folders: Path, tmp_path: Path, full_split_cached: bool
+) -> None:
     """From the whole split's cache, or (nothing cached) encoding the 9 labelled images alone."""
     cache = tmp_path / "c"
     if full_split_cached:
