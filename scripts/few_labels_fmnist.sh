@@ -43,8 +43,9 @@ trained() {  # name, pretrain overrides...: pretrain, then evaluate the exported
     evaluate "$name" checkpoint="$OUT/$name/backbone.safetensors" dataset=fashion_mnist
 }
 
-mixed() {  # name, preset, objective: [objective,supervised] with 16 labelled images per batch of 128
-    trained "$1" experiment="$2" "objective=[$3,supervised]" "${FEW[@]}" data.labelled_per_batch=16 "${@:4}"
+mixed() {  # name, preset, objective: [objective,supervised] with LABELLED (16) labelled images per batch of 128
+    trained "$1" experiment="$2" "objective=[$3,supervised]" "${FEW[@]}" data.labelled_per_batch="${LABELLED:-16}" \
+        "${@:4}"
 }
 
 supervised_alone() {  # name, preset, passes over the 600 (4 batches of 128 each)
@@ -63,6 +64,7 @@ row() {
         # DINO: 1 epoch x 468 steps of 128 (117 passes x 4 batches alone)
         dino)          trained dino experiment=quickstart ;;
         dino_sup)      mixed dino_sup quickstart dino trainer.limit_train_batches=468 ;;
+        dino_sup64)    LABELLED=64 mixed dino_sup64 quickstart dino trainer.limit_train_batches=468 ;;
         sup_vit)       supervised_alone sup_vit quickstart 117 ;;
         # MAE: 3 epochs x 468 steps
         mae)           trained mae experiment=quickstart_mae ;;
