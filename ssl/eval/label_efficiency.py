@@ -135,7 +135,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     splits: dict[str, Any] = {}
     described: dict[str, Any] = {}
-    for method in [str(m) for m in cfg.methods]:
+    methods = [str(m) for m in cfg.methods]
+    for method in methods:
         run = method_evaluate(method)
         base = OmegaConf.create(OmegaConf.to_container(cfg.configs[method]))
         # largest first: once the whole split is cached, a smaller subset is read from it
@@ -155,10 +156,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             rows.append({"method": method, "fraction": fraction, **headline(method, result, int(cfg.knn_k)),
                          "train_size": result["train_size"], "seconds": seconds})
             results.setdefault(method, {})[key] = result
-    methods = [str(m) for m in cfg.methods]
     rows.sort(key=lambda row: (methods.index(row["method"]), fractions.index(row["fraction"])))
     results = {m: {f"{f:g}": by_fraction[f"{f:g}"] for f in fractions} for m, by_fraction in results.items()}
-    return {**described, "fractions": fractions, "methods": [str(m) for m in cfg.methods],
+    return {**described, "fractions": fractions, "methods": methods,
             "knn_k": int(cfg.knn_k), "rows": rows, "splits": splits, "results": results}
 
 
